@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` and `make test`. Each sets itself up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+PROFILE ?= fashion32
+
+.PHONY: setup demo test ui bench lint
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	PROLOGUE_PROFILE=$(PROFILE) $(PY) -m assets.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+ui: setup
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+bench: setup
+	$(PY) bench/sharding.py
+
+lint: setup
+	$(VENV)/bin/ruff check .

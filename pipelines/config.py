@@ -1,0 +1,147 @@
+"""Typed configuration: dataclasses built from plain dicts, validated before any work starts.
+
+Every config class is a dataclass whose fields carry a docstring (the string literal under the
+field). `from_dict` rejects unknown fields and wrong types with a `ConfigError` naming the dotted
+path of the field; each class may add value checks in `validate()`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import json
+import textwrap
+import typing
+from functools import cache
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the field."""
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from `data`, recursing into nested dataclasses, then validate it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"{where}: unknown field (known fields: {', '.join(sorted(fields))})")
+    values = {}
+    for name, value in data.items():
+        default = _default(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = merge(dataclasses.asdict(default), value)  # nested defaults survive a partial override
+        values[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
+    try:
+        obj = cls(**values)
+    except TypeError as e:  # a required field without default is missing
+        raise ConfigError(f"{path or cls.__name__}: {e}") from None
+    validate(obj, path)
+    return obj
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def validate(obj: Any, path: str = "") -> None:
+    """Run `validate()` of `obj` and of every nested dataclass, prefixing errors with the field path."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{path}.{f.name}" if path else f.name)
+    check = getattr(obj, "validate", None)
+    if check is None:
+        return
+    try:
+        check()
+    except ConfigError as e:
+        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"{path}: unsupported field type {tp!r}")
+    raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain, JSON-serialisable dict of a config (the input of cache keys and manifests)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `override` into a copy of `base`."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ["data.shard_size=100", "data.train.limit=5"] into a nested dict of strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.field=value")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value.strip()
+    return out
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (for --help output and the README)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, nxt in itertools.pairwise(body):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs

@@ -1,0 +1,124 @@
+"""Named, versioned experiment profiles.
+
+A profile is a `Profile` dataclass; the named ones below are overrides on its defaults. Load one
+with `load_profile("fashion32", ["data.shard_size=1000"])`, or from a JSON file path. A wrong field
+or value fails here, before any work starts, with a `ConfigError` that names the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import ConfigError, from_dict, merge, parse_overrides
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+SOURCE_KINDS = ("idx", "folder", "ilsvrc_tar", "kaggle_zip")
+SPLITS = ("train", "val")
+
+
+@dataclass
+class SourceConfig:
+    kind: str = "idx"
+    """Layout of the raw images: idx (MNIST-style files), folder (<url>/<split>/<class>/<img>),
+    ilsvrc_tar (ILSVRC2012 train tar of per-class tars) or kaggle_zip (Kaggle ImageNet zip)."""
+    url: str = FASHION_MNIST_DIR
+    """fsspec URL of the folder, tar or zip (local path, file://, s3://bucket/key, ...)."""
+    split: str = "train"
+    """Which part of the source to read: train or val (idx: val means the t10k files)."""
+    limit: int = 0
+    """Keep only the first N images of the source's stable order (0 keeps all)."""
+
+    def validate(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ConfigError(f"kind: {self.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+        if not self.url:
+            raise ConfigError("url: must not be empty")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split: {self.split!r} is not one of {', '.join(SPLITS)}")
+        if self.kind == "ilsvrc_tar" and self.split != "train":
+            raise ConfigError("split: ilsvrc_tar holds only the train split; use folder or kaggle_zip for val")
+        if self.limit < 0:
+            raise ConfigError(f"limit: must be >= 0, got {self.limit}")
+
+
+@dataclass
+class DataConfig:
+    train: SourceConfig = field(default_factory=SourceConfig)
+    """Where the training images come from."""
+    val: SourceConfig = field(default_factory=lambda: SourceConfig(split="val"))
+    """Where the validation images come from."""
+    resolution: int = 32
+    """Side of the square images written to the shards, in pixels."""
+    resize: str = "pad"
+    """How images reach `resolution`: pad (centre on black; images must not be larger) or
+    center_crop (crop the central square, then bicubic resize)."""
+    shard_size: int = 5000
+    """Images per WebDataset tar shard."""
+    workers: int = 2
+    """Parallel worker processes writing shards (1 = in-process)."""
+    preview: int = 64
+    """Images in the preview grid shown in the Dagster UI."""
+
+    def validate(self) -> None:
+        if not 8 <= self.resolution <= 1024:
+            raise ConfigError(f"resolution: must be in 8..1024, got {self.resolution}")
+        if self.resize not in ("pad", "center_crop"):
+            raise ConfigError(f"resize: {self.resize!r} is not one of pad, center_crop")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size: must be >= 1, got {self.shard_size}")
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+        if not 0 <= self.preview <= 256:
+            raise ConfigError(f"preview: must be in 0..256, got {self.preview}")
+
+    def source(self, split: str) -> SourceConfig:
+        if split not in SPLITS:
+            raise ConfigError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
+        return self.train if split == "train" else self.val
+
+
+@dataclass
+class Profile:
+    name: str = "custom"
+    """Profile name, recorded in every manifest."""
+    version: int = 1
+    """Bumped whenever a named profile's settings change."""
+    description: str = ""
+    """One line on what the profile is for."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Raw images and sharding."""
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "version": 1,
+        "description": "seconds on 2 cores: a slice of Fashion-MNIST, for tests",
+        "data": {
+            "train": {"limit": 512},
+            "val": {"limit": 128},
+            "shard_size": 128,
+            "preview": 16,
+        },
+    },
+    "fashion32": {
+        "version": 1,
+        "description": "the default demo: all of Fashion-MNIST padded to 32x32 RGB",
+        "data": {"shard_size": 5000},
+    },
+}
+
+
+def load_profile(name_or_path: str, overrides: list[str] | dict[str, Any] | None = None) -> Profile:
+    """A named profile (or a JSON file of one) with dotted `field=value` overrides applied."""
+    if name_or_path in PROFILES:
+        raw = merge({"name": name_or_path}, PROFILES[name_or_path])
+    elif name_or_path.endswith(".json") and Path(name_or_path).is_file():
+        raw = json.loads(Path(name_or_path).read_text())
+    else:
+        raise ConfigError(f"profile: unknown profile {name_or_path!r} (known: {', '.join(PROFILES)})")
+    if overrides:
+        raw = merge(raw, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return from_dict(Profile, raw)

@@ -1,0 +1,67 @@
+"""Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1 and one store per backend."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipelines.store import Store
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+# Credentials for the loopback server only; set before any boto/s3fs client is created.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's standalone S3 server, speaking the S3 HTTP protocol on loopback."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    previous = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = endpoint  # inherited by spawned workers and subprocesses
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="prologue-test")
+    yield endpoint
+    if previous is None:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = previous
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> Store:
+    """The same tests run against a local folder and against the S3 server."""
+    if request.param == "local":
+        return Store(str(tmp_path / "store"))
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return Store(f"s3://prologue-test/{uuid.uuid4().hex[:8]}", {"client_kwargs": {"endpoint_url": endpoint}})
+
+
+@pytest.fixture
+def fashion_mnist():
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        message = "Debian's dataset-fashion-mnist is not installed (make test installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return FASHION_MNIST
