@@ -1,7 +1,5 @@
 """Data assets: raw images sharded into WebDataset tars in the store."""
 
-from __future__ import annotations
-
 import base64
 
 from dagster import (

@@ -2,10 +2,10 @@
 
 from dagster import Definitions, define_asset_job
 
-from assets.data import image_shards, split_partitions
+from assets.data import image_shards
 from assets.resources import ProfileResource, StoreResource
 
-shard_job = define_asset_job("shard_images", selection=[image_shards], partitions_def=split_partitions)
+shard_job = define_asset_job("shard_images", selection=[image_shards])
 
 defs = Definitions(
     assets=[image_shards],

@@ -1,0 +1,119 @@
+"""The image_shards asset through real Dagster runs: in-process, the CLI, and the webserver."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, materialize
+
+from assets.data import image_shards
+from assets.definitions import defs
+from assets.resources import ProfileResource, StoreResource
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metadata(result) -> dict:
+    [mat] = result.get_asset_materialization_events()
+    return {k: v.value for k, v in mat.materialization.metadata.items()}
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_materialise_both_splits_then_reuse(backend, tmp_path, fashion_mnist, request):
+    if backend == "local":
+        store = StoreResource(url=str(tmp_path / "store"))
+    else:
+        endpoint = request.getfixturevalue("s3_endpoint")
+        store = StoreResource(url=f"s3://prologue-test/assets-{tmp_path.name}", endpoint_url=endpoint)
+    resources = {"store": store, "profile": ProfileResource(name="tiny")}
+    with DagsterInstance.ephemeral() as instance:
+        first = {}
+        for split, n in [("train", 512), ("val", 128)]:
+            result = materialize([image_shards], partition_key=split, resources=resources, instance=instance)
+            assert result.success
+            md = _metadata(result)
+            assert md["samples"] == n and md["corrupt_skipped"] == 0 and md["reused_existing"] is False
+            assert md["preview"].startswith("![") and "data:image/png;base64," in md["preview"]
+            assert md["profile"] == "tiny@1"
+            first[split] = md
+        again = materialize([image_shards], partition_key="train", resources=resources, instance=instance)
+        md = _metadata(again)
+        assert md["reused_existing"] is True and md["cache_key"] == first["train"]["cache_key"]
+        event = instance.get_latest_materialization_event(image_shards.key)
+        assert event.asset_materialization.tags["dagster/data_version"] == first["train"]["cache_key"]
+    manifest_uri = f"{first['val']['uri']}/_manifest.json"
+    manifest = json.loads(store.store().open_url(manifest_uri).read())
+    assert manifest["counts"]["samples"] == 128
+
+
+def test_bad_profile_fails_before_work_naming_the_field(tmp_path):
+    resources = {"store": StoreResource(url=str(tmp_path)), "profile": ProfileResource(name="tiny",
+                                                                                          overrides=["data.shard_sise=3"])}
+    result = materialize([image_shards], partition_key="val", resources=resources, raise_on_error=False,
+                         instance=DagsterInstance.ephemeral())
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    assert "data.shard_sise: unknown field" in failure.step_failure_data.error.to_string()
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def _env(tmp_path: Path) -> dict:
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return {**os.environ, "DAGSTER_HOME": str(home), "PROLOGUE_PROFILE": "tiny",
+            "PROLOGUE_STORE": str(tmp_path / "store")}
+
+
+def test_cli_asset_materialize(tmp_path, fashion_mnist):
+    env = _env(tmp_path)
+    cmd = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "assets.definitions",
+           "--select", "image_shards", "--partition", "val"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [manifest] = (tmp_path / "store" / "image_shards").glob("*/_manifest.json")
+    assert json.loads(manifest.read_text())["counts"]["samples"] == 128
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        event = instance.get_latest_materialization_event(image_shards.key)
+        assert event is not None and event.asset_materialization.partition == "val"
+
+
+def _graphql(port: int, query: str) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_webserver_serves_the_asset_graph(tmp_path):
+    from tests.conftest import _free_port
+
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1",
+           "-p", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+                time.sleep(0.5)
+        data = _graphql(port, "{ assetNodes { assetKey { path } groupName isPartitioned } }")
+        nodes = {tuple(n["assetKey"]["path"]): n for n in data["data"]["assetNodes"]}
+        assert nodes[("image_shards",)]["groupName"] == "data" and nodes[("image_shards",)]["isPartitioned"]
+        assert set(nodes) == {tuple(k.path) for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
