@@ -19,7 +19,7 @@ ui: setup
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: setup
-	$(PY) bench/sharding.py
+	$(PY) bench/sharding.py --json bench/results/sharding.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,18 +1,24 @@
 """Data assets: raw images sharded into WebDataset tars in the store."""
 
 import base64
+import hashlib
+import json
 
 from dagster import (
     AssetExecutionContext,
     DataVersion,
     MaterializeResult,
     MetadataValue,
+    ObserveResult,
     StaticPartitionsDefinition,
     asset,
+    observable_source_asset,
 )
 
 from assets.resources import ProfileResource, StoreResource
 from pipelines import sharding
+from pipelines.profiles import SPLITS
+from pipelines.sources import open_source
 
 split_partitions = StaticPartitionsDefinition(["train", "val"])
 
@@ -22,7 +28,22 @@ def png_markdown(png: bytes, alt: str) -> MetadataValue:
     return MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
+@observable_source_asset(group_name="data", description="The raw image source of the profile (listing fingerprint).")
+def raw_images(profile: ProfileResource) -> ObserveResult:
+    data = profile.profile().data
+    metadata, fingerprints = {}, {}
+    for split in SPLITS:
+        cfg = data.source(split)
+        source = open_source(cfg.kind, cfg.url, cfg.split)
+        fingerprints[split] = source.fingerprint()
+        metadata[f"{split}_url"] = cfg.url
+        metadata[f"{split}_images"] = len(source.items())
+    version = hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()[:24]
+    return ObserveResult(data_version=DataVersion(version), metadata=metadata)
+
+
 @asset(
+    deps=[raw_images],
     partitions_def=split_partitions,
     code_version=sharding.CODE_VERSION,
     group_name="data",

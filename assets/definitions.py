@@ -2,13 +2,13 @@
 
 from dagster import Definitions, define_asset_job
 
-from assets.data import image_shards
+from assets.data import image_shards, raw_images
 from assets.resources import ProfileResource, StoreResource
 
 shard_job = define_asset_job("shard_images", selection=[image_shards])
 
 defs = Definitions(
-    assets=[image_shards],
+    assets=[raw_images, image_shards],
     jobs=[shard_job],
     resources={"store": StoreResource(), "profile": ProfileResource()},
 )

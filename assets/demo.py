@@ -10,8 +10,9 @@ import os
 import sys
 
 from dagster import DagsterInstance, materialize
+from dagster._core.definitions.observe import observe  # observing source assets has no public API
 
-from assets.data import image_shards, split_partitions
+from assets.data import image_shards, raw_images, split_partitions
 from assets.definitions import defs
 
 
@@ -21,6 +22,9 @@ def main() -> int:
     profile = resources["profile"].profile()
     print(f"==> profile {profile.name}@{profile.version}: {profile.description}")
     print(f"==> store {resources['store'].store().url}")
+    if not observe([raw_images], instance=instance, resources=resources).success:
+        print("error: observing raw_images failed", file=sys.stderr)
+        return 1
     for split in split_partitions.get_partition_keys():
         result = materialize([image_shards], partition_key=split, instance=instance, resources=resources)
         if not result.success:

@@ -1,7 +1,7 @@
 """Raw images -> WebDataset tar shards of lossless PNGs in the object store.
 
 Images are taken in the source's stable order and shard `i` holds images `[i*S, (i+1)*S)`, so the
-assignment of images to shards is deterministic whatever the number of workers. Workers (spawned
+assignment of images to shards is deterministic whatever the number of workers. Workers (forked
 processes) each write whole shards to a local temp file, upload them and record the part; a rerun
 after a crash skips recorded parts and the manifest is written last.
 
@@ -78,7 +78,7 @@ class ShardTask:
     resize: str
 
 
-_worker_source: Source | None = None  # set once per worker process: sources can be large to pickle
+_worker_source: Source | None = None  # set once per worker by the pool initializer, not per task
 
 
 def _init_worker(source: Source) -> None:
@@ -243,8 +243,10 @@ def _run(tasks: list[ShardTask], source: Source, workers: int):
         for t in tasks:
             yield write_shard(t, source)
         return
-    # spawn, not fork: s3fs/aiohttp event loops and threads do not survive a fork
-    ctx = multiprocessing.get_context("spawn")
+    # fork: workers inherit the opened source (decoded IDX arrays, archive indexes) instead of
+    # re-importing and re-reading it (spawn was slower than one process here). fsspec resets its
+    # instance cache and event loop in the child; stores and sources rebuild per-process handles.
+    ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
                              initializer=_init_worker, initargs=(source,)) as pool:
         for fut in as_completed([pool.submit(write_shard, t) for t in tasks]):

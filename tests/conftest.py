@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import socket
 import uuid
 from pathlib import Path
@@ -65,3 +67,18 @@ def fashion_mnist():
             pytest.fail(message)
         pytest.skip(message)
     return FASHION_MNIST
+
+
+@pytest.fixture
+def photo_folder(tmp_path) -> tuple[Path, int]:
+    """A val class-folder tree of real photos (shipped by the foolbox wheel) plus one corrupt JPEG."""
+    data = Path(importlib.util.find_spec("foolbox").submodule_search_locations[0]) / "data"
+    photos = sorted(p for p in data.iterdir() if p.name.startswith("imagenet_"))
+    assert len(photos) >= 6
+    root = tmp_path / "photos"
+    for i, p in enumerate(photos):
+        d = root / "val" / f"n0000000{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, d / p.name)
+    (root / "val" / "n00000001" / "broken.JPEG").write_bytes(photos[0].read_bytes()[:300])
+    return root, len(photos)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance, materialize
+from dagster._core.definitions.observe import observe  # no public equivalent for tests yet
 
-from assets.data import image_shards
+from assets.data import image_shards, raw_images
 from assets.definitions import defs
 from assets.resources import ProfileResource, StoreResource
 
@@ -52,6 +53,25 @@ def test_materialise_both_splits_then_reuse(backend, tmp_path, fashion_mnist, re
     manifest_uri = f"{first['val']['uri']}/_manifest.json"
     manifest = json.loads(store.store().open_url(manifest_uri).read())
     assert manifest["counts"]["samples"] == 128
+
+
+def test_raw_images_observation_tracks_new_data(photo_folder):
+    root, n = photo_folder
+    (root / "train").symlink_to(root / "val", target_is_directory=True)
+    profile = ProfileResource(overrides=[f"data.{s}.kind=folder" for s in ("train", "val")]
+                              + [f"data.{s}.url={root}" for s in ("train", "val")] + ["data.resize=center_crop"])
+
+    def version_and_count():
+        result = observe([raw_images], resources={"profile": profile}, instance=DagsterInstance.ephemeral())
+        [event] = result.get_asset_observation_events()
+        obs = event.asset_observation_data.asset_observation
+        return obs.data_version, obs.metadata["val_images"].value
+
+    v1, count = version_and_count()
+    assert count == n + 1 and v1 == version_and_count()[0]
+    (root / "val" / "n00000002" / "new.png").write_bytes((root / "val" / "n00000001" / "broken.JPEG").read_bytes())
+    v2, count = version_and_count()
+    assert count == n + 2 and v2 != v1
 
 
 def test_bad_profile_fails_before_work_naming_the_field(tmp_path):

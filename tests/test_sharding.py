@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -92,22 +90,9 @@ def test_shard_assignment_is_independent_of_worker_count(tmp_path, fashion_mnist
     assert three.manifest["files"] == two.manifest["files"]
 
 
-def _photo_folder(root: Path) -> int:
-    """A class-folder tree of real photos (shipped by the foolbox wheel) plus one corrupt JPEG."""
-    data = Path(importlib.util.find_spec("foolbox").submodule_search_locations[0]) / "data"
-    photos = sorted(p for p in data.iterdir() if p.name.startswith("imagenet_"))
-    assert len(photos) >= 6
-    for i, p in enumerate(photos):
-        d = root / "val" / f"n0000000{i % 3}"
-        d.mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, d / p.name)
-    (root / "val" / "n00000001" / "broken.JPEG").write_bytes(photos[0].read_bytes()[:300])
-    return len(photos)
-
-
-def test_corrupt_images_are_counted_and_skipped(store, tmp_path):
-    n = _photo_folder(tmp_path / "photos")
-    profile = load_profile("tiny", {"data": {"val": {"kind": "folder", "url": str(tmp_path / "photos"), "limit": 0},
+def test_corrupt_images_are_counted_and_skipped(store, photo_folder):
+    root, n = photo_folder
+    profile = load_profile("tiny", {"data": {"val": {"kind": "folder", "url": str(root), "limit": 0},
                                              "resize": "center_crop", "resolution": 48, "shard_size": 8}})
     result = shard_split(profile, "val", store, progress=False)
     counts = result.manifest["counts"]

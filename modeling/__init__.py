@@ -1,0 +1,1 @@
+"""Torch model code (tokenizers, quantizers, AR transformer, sampler, metrics); no Dagster imports."""
