@@ -17,9 +17,15 @@ class StoreResource(ConfigurableResource):
     url: str = Field(default="", description="Store URL; empty: $PROLOGUE_STORE, else ./store of the project.")
     endpoint_url: str = Field(default="", description="S3 endpoint (MinIO, Ceph, ...); empty: AWS_ENDPOINT_URL.")
     region: str = Field(default="", description="S3 region; empty: the AWS environment/config.")
+    access_key_id: str = Field(default="", description="S3 key; empty: AWS_ACCESS_KEY_ID / AWS config.")
+    secret_access_key: str = Field(default="", description="S3 secret (use EnvVar); empty: AWS environment.")
 
     def store(self) -> Store:
         options: dict = {}
+        if self.access_key_id:
+            options["key"] = self.access_key_id
+        if self.secret_access_key:
+            options["secret"] = self.secret_access_key
         client_kwargs = {}
         if self.endpoint_url:
             client_kwargs["endpoint_url"] = self.endpoint_url

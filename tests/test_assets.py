@@ -33,7 +33,8 @@ def test_materialise_both_splits_then_reuse(backend, tmp_path, fashion_mnist, re
         store = StoreResource(url=str(tmp_path / "store"))
     else:
         endpoint = request.getfixturevalue("s3_endpoint")
-        store = StoreResource(url=f"s3://prologue-test/assets-{tmp_path.name}", endpoint_url=endpoint)
+        store = StoreResource(url=f"s3://prologue-test/assets-{tmp_path.name}", endpoint_url=endpoint,
+                              access_key_id="testing", secret_access_key="testing")
     resources = {"store": store, "profile": ProfileResource(name="tiny")}
     with DagsterInstance.ephemeral() as instance:
         first = {}
