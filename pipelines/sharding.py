@@ -11,7 +11,6 @@ Standalone: `python -m pipelines.sharding --profile fashion32 --split train`.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import multiprocessing
@@ -30,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines.config import to_dict
+from pipelines.images import encode_png, grid_png
 from pipelines.profiles import DataConfig, Profile, load_profile
 from pipelines.sources import CorruptImage, Item, Source, open_source
 from pipelines.store import Artifact, Store, cache_key
@@ -55,12 +55,6 @@ def transform(img: Image.Image, resolution: int, resize: str) -> Image.Image:
         if side != resolution:
             img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
     return img.convert("RGB")
-
-
-def encode_png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
 
 
 def shard_name(split: str, index: int) -> str:
@@ -120,21 +114,6 @@ def write_shard(task: ShardTask, source: Source | None = None) -> dict[str, Any]
     }
     artifact.record_part(name, part)
     return part
-
-
-def preview_grid(images: list[Image.Image], columns: int = 8) -> bytes:
-    """A PNG grid of equally sized images (upscaled so that small images stay visible)."""
-    if not images:
-        return b""
-    w, h = images[0].size
-    scale = max(1, 64 // w)
-    rows = (len(images) + columns - 1) // columns
-    cols = min(columns, len(images))
-    grid = Image.new("RGB", (cols * w * scale, rows * h * scale))
-    for i, img in enumerate(images):
-        tile = img.resize((w * scale, h * scale), Image.Resampling.NEAREST)
-        grid.paste(tile, ((i % columns) * w * scale, (i // columns) * h * scale))
-    return encode_png(grid)
 
 
 @dataclass
@@ -262,7 +241,7 @@ def _preview(source: Source, items: list[Item], data: DataConfig) -> bytes:
             images.append(transform(source.read(item), data.resolution, data.resize))
         except CorruptImage:
             continue
-    return preview_grid(images)
+    return grid_png(images)
 
 
 def main(argv: list[str] | None = None) -> int:

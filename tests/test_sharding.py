@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.images import encode_png
 from pipelines.profiles import load_profile
 from pipelines.shard_reader import image_dataset
-from pipelines.sharding import encode_png, shard_split, transform
+from pipelines.sharding import shard_split, transform
 from pipelines.sources import open_source
 from pipelines.store import Store
 
