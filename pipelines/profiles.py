@@ -8,15 +8,18 @@ or value fails here, before any work starts, with a `ConfigError` that names the
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from modeling.tokenizer import TokenizerConfig
+from modeling.tokenizer_trainer import TokenizerTrainConfig
 from pipelines.config import ConfigError, from_dict, merge, parse_overrides
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SOURCE_KINDS = ("idx", "folder", "ilsvrc_tar", "kaggle_zip")
 SPLITS = ("train", "val")
+VARIANTS = ("baseline", "prologue")  # baseline: the same tokenizer with z_len = 0 and no joint prior
 
 
 @dataclass
@@ -90,6 +93,22 @@ class Profile:
     """One line on what the profile is for."""
     data: DataConfig = field(default_factory=DataConfig)
     """Raw images and sharding."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Stage-1 tokenizer of the prologue variant (the baseline is the same with z_len = 0)."""
+    tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    """Stage-1 training schedule, losses and checkpointing."""
+
+    def validate(self) -> None:
+        if self.tokenizer.image_size != self.data.resolution:
+            raise ConfigError(
+                f"tokenizer.image_size: {self.tokenizer.image_size} differs from data.resolution {self.data.resolution}"
+            )
+
+    def tokenizer_for(self, variant: str) -> TokenizerConfig:
+        """The tokenizer config of one variant."""
+        if variant not in VARIANTS:
+            raise ConfigError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        return replace(self.tokenizer, z_len=0) if variant == "baseline" else self.tokenizer
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -102,11 +121,105 @@ PROFILES: dict[str, dict[str, Any]] = {
             "shard_size": 128,
             "preview": 16,
         },
+        "tokenizer": {
+            "patch_size": 8,
+            "width": 32,
+            "depth": 1,
+            "heads": 2,
+            "dec_width": 32,
+            "dec_depth": 1,
+            "dec_heads": 2,
+            "visual_codebook": 64,
+            "z_len": 2,
+            "prologue_codebook": 16,
+            "prior_width": 32,
+            "prior_depth": 1,
+            "prior_heads": 2,
+        },
+        "tokenizer_train": {
+            "steps": 30,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "aux_lr": 1e-3,
+            "warmup_steps": 5,
+            "gan_start": 15,
+            "checkpoint_every": 10,
+            "log_every": 5,
+            "eval_images": 128,
+            "shuffle_buffer": 100,
+            "loader_workers": 0,
+        },
     },
     "fashion32": {
         "version": 1,
         "description": "the default demo: all of Fashion-MNIST padded to 32x32 RGB",
         "data": {"shard_size": 5000},
+        "tokenizer": {
+            "patch_size": 4,
+            "width": 96,
+            "depth": 3,
+            "heads": 4,
+            "dec_width": 96,
+            "dec_depth": 3,
+            "dec_heads": 4,
+            "visual_codebook": 512,
+            "z_len": 4,
+            "prologue_codebook": 64,
+            "prior_width": 96,
+            "prior_depth": 2,
+            "prior_heads": 4,
+        },
+        "tokenizer_train": {
+            "steps": 1500,
+            "batch_size": 32,
+            "warmup_steps": 100,
+            "gan_start": 750,
+            "checkpoint_every": 250,
+            "log_every": 25,
+            "eval_images": 2000,
+        },
+    },
+    "imagenet256-b": {
+        "version": 1,
+        "description": "the paper's Base setting on ImageNet 256 (GPU cluster; set data.*.url)",
+        "data": {
+            "train": {"kind": "folder", "url": "/data/imagenet"},
+            "val": {"kind": "folder", "url": "/data/imagenet"},
+            "resolution": 256,
+            "resize": "center_crop",
+            "shard_size": 5000,
+            "workers": 16,
+        },
+        "tokenizer": {
+            "image_size": 256,
+            "patch_size": 16,
+            "width": 768,
+            "depth": 12,
+            "heads": 12,
+            "dec_width": 768,
+            "dec_depth": 12,
+            "dec_heads": 12,
+            "code_dim": 14,
+            "visual_codebook": 16384,
+            "z_len": 16,
+            "prologue_codebook": 1024,
+            "prior_width": 512,
+            "prior_depth": 7,
+            "prior_heads": 8,
+        },
+        "tokenizer_train": {
+            "steps": 500000,
+            "batch_size": 32,
+            "processes": 8,
+            "lr": 1e-4,
+            "aux_lr": 1e-4,
+            "warmup_steps": 5000,
+            "gan_start": 100000,
+            "checkpoint_every": 5000,
+            "log_every": 100,
+            "eval_images": 50000,
+            "loader_workers": 8,
+        },
     },
 }
 

@@ -116,4 +116,7 @@ def image_loader(
     """A DataLoader of (images uint8 [B, 3, H, W], labels [B]) batches from the store."""
     ds = image_dataset(artifact, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed)
     ds.append(wds.batched(batch_size, partial=True))
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
+    # its own generator: creating an iterator must not draw from the global RNG, or resuming
+    # training mid-epoch would shift every later random draw (dropout, masks) of the trainer
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
+                                       generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,59 @@
+"""Stage-1 assets: the 2D baseline and the Prologue tokenizer, one partition each."""
+
+from dagster import (
+    AllPartitionMapping,
+    AssetDep,
+    AssetExecutionContext,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    StaticPartitionsDefinition,
+    asset,
+)
+
+from assets.data import image_shards, png_markdown
+from assets.resources import ProfileResource, StoreResource
+from pipelines import train_tokenizer
+from pipelines.profiles import VARIANTS
+
+variant_partitions = StaticPartitionsDefinition(list(VARIANTS))
+
+
+@asset(
+    partitions_def=variant_partitions,
+    deps=[AssetDep(image_shards, partition_mapping=AllPartitionMapping())],
+    code_version=train_tokenizer.CODE_VERSION,
+    group_name="tokenizer",
+    kinds={"pytorch", "safetensors"},
+    description="Stage-1 tokenizer (baseline: z_len = 0, no joint prior; prologue: prologue tokens trained "
+    "only through the joint AR CE), trained data-parallel in a subprocess, resumable from store checkpoints.",
+)
+def tokenizer(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource) -> MaterializeResult:
+    variant = context.partition_key
+    result = train_tokenizer.train_tokenizer(
+        profile.profile(), variant, store.store(), on_log=context.log.info, progress=False
+    )
+    m, art = result.manifest, result.artifact
+    metrics = m["metrics"]
+    metadata = {
+        "uri": MetadataValue.path(art.uri),
+        "cache_key": art.key,
+        "profile": m["profile"],
+        "steps": m["counts"]["steps"],
+        "val_psnr_db": round(metrics["psnr_db"], 3),
+        "val_l1": round(metrics["l1"], 5),
+        "val_images": metrics["images"],
+        "visual_codes_used": round(metrics["visual_codes"]["fraction_used"], 4),
+        "visual_codes_perplexity": round(metrics["visual_codes"]["perplexity"], 1),
+        "ranks": metrics["ranks"],
+        "reused_existing": result.cached,
+        "seconds": round(result.seconds, 1),
+        "reconstructions": png_markdown(art.read_bytes("reconstructions.png"), "val: originals (top), EMA recon"),
+        "loss_curves": png_markdown(art.read_bytes("loss_curves.png"), "loss curves"),
+    }
+    if "prologue_codes" in metrics:
+        metadata["prologue_codes_used"] = round(metrics["prologue_codes"]["fraction_used"], 4)
+        metadata["prologue_codes_used_per_position"] = MetadataValue.json(
+            metrics["prologue_codes"]["used_per_position"]
+        )
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(art.key))

@@ -1,0 +1,175 @@
+"""Stage-1 tokenizer: ViT encoder (patches + prologue queries) -> two quantizers -> ViT decoder.
+
+The decoder sees only the visual tokens: prologue tokens are never decoded and are trained only
+through the joint AR model's CE loss (`modeling.joint_prior`). `z_len = 0` is the 2D-tokenizer
+baseline, which has no query tokens and no prologue quantizer at all.
+
+Images are float in [-1, 1], shape [B, C, H, W]; N = (H / patch)^2 visual tokens, Z = z_len.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from modeling.blocks import Transformer, grid_rope, rope_1d
+from modeling.quantizers import PrologueQuantized, PrologueQuantizer, VisualQuantized, VisualQuantizer
+from pipelines.config import ConfigError
+
+
+@dataclass
+class TokenizerConfig:
+    image_size: int = 32
+    """Side of the square input images, in pixels."""
+    patch_size: int = 4
+    """Side of the non-overlapping patches; (image_size / patch_size)^2 visual tokens."""
+    channels: int = 3
+    """Image channels."""
+    width: int = 128
+    """Encoder transformer width."""
+    depth: int = 4
+    """Encoder transformer layers."""
+    heads: int = 4
+    """Encoder attention heads."""
+    dec_width: int = 128
+    """Decoder transformer width."""
+    dec_depth: int = 4
+    """Decoder transformer layers."""
+    dec_heads: int = 4
+    """Decoder attention heads."""
+    code_dim: int = 8
+    """Dimension of the L2-normalised code vectors (both codebooks)."""
+    visual_codebook: int = 1024
+    """Entries of the visual codebook."""
+    z_len: int = 4
+    """Prologue tokens per image (0 = the 2D-tokenizer baseline: no prologue, no joint AR)."""
+    prologue_codebook: int = 256
+    """Entries of the prologue codebook."""
+    prologue_temperature: float = 0.1
+    """Softmax temperature of the prologue quantizer's probabilistic straight-through gradient."""
+    beta: float = 0.25
+    """Weight of the commitment term in the visual VQ loss."""
+    prior_width: int = 128
+    """Joint AR prior transformer width."""
+    prior_depth: int = 3
+    """Joint AR prior transformer layers."""
+    prior_heads: int = 4
+    """Joint AR prior attention heads."""
+    visual_dropout: float = 0.5
+    """Fraction of samples whose visual inputs to the joint AR prior are all replaced by EOS."""
+
+    @property
+    def grid(self) -> int:
+        """Patches per image side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """N, the number of visual tokens per image."""
+        return self.grid**2
+
+    def validate(self) -> None:
+        positive = ("image_size", "patch_size", "channels", "width", "depth", "heads", "dec_width", "dec_depth",
+                    "dec_heads", "code_dim", "visual_codebook", "prologue_codebook", "prior_width", "prior_depth",
+                    "prior_heads")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"patch_size: {self.patch_size} does not divide image_size {self.image_size}")
+        # Rotary embeddings rotate channel pairs; 2D ones split each head in two halves: head dim % 4 == 0.
+        pairs = (("width", "heads", 4), ("dec_width", "dec_heads", 4), ("prior_width", "prior_heads", 2))
+        for width, heads, mult in pairs:
+            w, h = getattr(self, width), getattr(self, heads)
+            if w % h or (w // h) % mult:
+                raise ConfigError(f"{heads}: {width} {w} / {heads} {h} must be a whole head dim divisible by {mult}")
+        if self.z_len < 0:
+            raise ConfigError(f"z_len: must be >= 0, got {self.z_len}")
+        if self.prologue_temperature <= 0:
+            raise ConfigError(f"prologue_temperature: must be > 0, got {self.prologue_temperature}")
+        if self.beta < 0:
+            raise ConfigError(f"beta: must be >= 0, got {self.beta}")
+        if not 0 <= self.visual_dropout <= 1:
+            raise ConfigError(f"visual_dropout: must be in [0, 1], got {self.visual_dropout}")
+
+
+class Encoder(nn.Module):
+    """Patch tokens (2D RoPE) + z_len learnable queries (1D RoPE after the patches), one transformer."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.z_len = cfg.z_len
+        self.patchify = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        if cfg.z_len:  # the baseline must not carry unused prologue parameters
+            self.queries = nn.Parameter(torch.randn(cfg.z_len, cfg.width) * 0.02)
+        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads)
+        head_dim, n = cfg.width // cfg.heads, cfg.num_patches
+        angles = torch.cat([grid_rope(cfg.grid, head_dim), rope_1d(torch.arange(n, n + cfg.z_len), head_dim)])
+        self.register_buffer("angles", angles, persistent=False)  # [N + Z, head_dim/2]
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images [B, C, H, W] -> patch outputs [B, N, width], query outputs [B, Z, width] (Z may be 0)."""
+        x = self.patchify(images).flatten(2).transpose(1, 2)  # [B, N, width], raster order
+        n = x.shape[1]
+        if self.z_len:
+            x = torch.cat([x, self.queries.expand(x.shape[0], -1, -1)], dim=1)  # [B, N + Z, width]
+        x = self.transformer(x, self.angles)
+        return x[:, :n], x[:, n:]
+
+
+class Decoder(nn.Module):
+    """Visual code vectors [B, N, code_dim] -> images [B, C, H, W]; it has no prologue input."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.grid, self.patch, self.channels = cfg.grid, cfg.patch_size, cfg.channels
+        self.proj_in = nn.Linear(cfg.code_dim, cfg.dec_width)
+        self.transformer = Transformer(cfg.dec_width, cfg.dec_depth, cfg.dec_heads)
+        self.proj_out = nn.Linear(cfg.dec_width, cfg.channels * cfg.patch_size**2)
+        self.register_buffer("angles", grid_rope(cfg.grid, cfg.dec_width // cfg.dec_heads), persistent=False)
+
+    def forward(self, quantized: Tensor) -> Tensor:
+        x = self.proj_out(self.transformer(self.proj_in(quantized), self.angles))  # [B, N, C*p*p]
+        B, g, p = x.shape[0], self.grid, self.patch
+        x = x.view(B, g, g, self.channels, p, p).permute(0, 3, 1, 4, 2, 5)  # [B, C, g, p, g, p]
+        return x.reshape(B, self.channels, g * p, g * p)
+
+
+@dataclass
+class Encoded:
+    visual: VisualQuantized
+    prologue: PrologueQuantized | None  # None for the baseline (z_len == 0)
+
+
+class Tokenizer(nn.Module):
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.visual_quantizer = VisualQuantizer(cfg.width, cfg.code_dim, cfg.visual_codebook, cfg.beta)
+        self.prologue_quantizer = (
+            PrologueQuantizer(cfg.width, cfg.code_dim, cfg.prologue_codebook, cfg.prologue_temperature)
+            if cfg.z_len
+            else None
+        )
+        self.decoder = Decoder(cfg)
+
+    def encode(self, images: Tensor) -> Encoded:
+        patches, queries = self.encoder(images)
+        prologue = self.prologue_quantizer(queries) if self.prologue_quantizer is not None else None
+        return Encoded(self.visual_quantizer(patches), prologue)
+
+    def decode(self, quantized: Tensor) -> Tensor:
+        """Visual code vectors [B, N, code_dim] -> images [B, C, H, W]."""
+        return self.decoder(quantized)
+
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        """Visual codes [B, N] -> images [B, C, H, W]."""
+        return self.decoder(self.visual_quantizer.lookup(codes))
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Encoded]:
+        encoded = self.encode(images)
+        return self.decode(encoded.visual.quantized), encoded

@@ -1,0 +1,262 @@
+"""Stage-1 training: the two alternating optimiser steps per batch.
+
+Step 1 (encoder + decoder): L1 + L2 reconstruction, optional VGG feature loss, GAN generator loss,
+VQ loss, and the joint prior's CE on prologue/EOS and visual positions, computed by the prior with
+its weights frozen (the CE reaches the encoder through the prologue path only).
+Step 2 (joint prior + discriminator): plain CE on detached codes; hinge loss for the discriminator.
+
+The trainer is data-parallel aware (DDP per module) but does no I/O: checkpoints are `tensors()`
+(safetensors-ready) plus `training_state()` (optimisers, schedules, RNG), loaded back with `load()`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel
+
+from modeling.discriminator import PatchDiscriminator, PerceptualLoss, d_hinge_loss, g_loss
+from modeling.joint_prior import JointPrior
+from modeling.tokenizer import Tokenizer, TokenizerConfig
+from pipelines.config import ConfigError
+
+
+@dataclass
+class TokenizerTrainConfig:
+    steps: int = 2000
+    """Optimiser steps (each: one encoder/decoder step and one prior/discriminator step)."""
+    batch_size: int = 64
+    """Images per step on each process."""
+    lr: float = 3e-4
+    """Peak learning rate of the encoder/decoder (AdamW)."""
+    aux_lr: float = 3e-4
+    """Peak learning rate of the joint prior and the discriminator (AdamW)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Linear warm-up steps, then cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping for both steps (0 disables)."""
+    ema_decay: float = 0.999
+    """Decay of the EMA of the tokenizer weights (the EMA is what gets evaluated and exported)."""
+    l2_weight: float = 1.0
+    """Weight of the L2 term next to L1 in the reconstruction loss."""
+    perceptual_weight: float = 0.0
+    """Weight of the VGG feature loss (0: off; needs perceptual_weights)."""
+    perceptual_weights: str = ""
+    """Local torchvision VGG16 state-dict file for the feature loss (never downloaded)."""
+    gan_weight: float = 0.1
+    """Weight of the GAN generator loss."""
+    gan_start: int = 500
+    """Step at which the discriminator and the generator loss switch on."""
+    ce_prologue_weight: float = 3.0
+    """Weight of the joint prior's CE on prologue and EOS positions (prologue variant)."""
+    ce_visual_weight: float = 3.0
+    """Weight of the joint prior's CE on visual positions (prologue variant)."""
+    processes: int = 1
+    """Data-parallel processes (one per GPU; CPU processes with gloo where there is none)."""
+    loader_workers: int = 1
+    """DataLoader worker processes per training process."""
+    shuffle_buffer: int = 2000
+    """Sample shuffle buffer of the streaming reader."""
+    checkpoint_every: int = 500
+    """Save a resumable checkpoint to the store every N steps (and at the end)."""
+    log_every: int = 25
+    """Record the loss terms every N steps."""
+    eval_images: int = 2000
+    """Validation images used for PSNR and codebook usage (0: the whole split)."""
+    seed: int = 0
+    """Seed of initialisation, data order and dropout."""
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "processes", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.aux_lr <= 0:
+            raise ConfigError("lr: learning rates must be > 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.perceptual_weight > 0 and not self.perceptual_weights:
+            raise ConfigError("perceptual_weights: a local VGG16 weights file is needed when perceptual_weight > 0")
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def ema_with_warmup(decay: float):
+    """EMA update whose decay ramps up as min(decay, (1 + n) / (10 + n)): early weights fade fast."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        weight = 1 - min(decay, (1 + n) / (10 + n))
+        for e, p in zip(ema_params, params, strict=True):
+            e.lerp_(p, weight)
+
+    return update
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float in [-1, 1]."""
+    return images.float().div(127.5).sub(1)
+
+
+class TokenizerTrainer:
+    def __init__(
+        self,
+        model_cfg: TokenizerConfig,
+        cfg: TokenizerTrainConfig,
+        device: torch.device,
+        rank: int = 0,
+        distributed: bool = False,
+    ):
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.cfg, self.model_cfg, self.device = cfg, model_cfg, device
+        self.tokenizer = Tokenizer(model_cfg).to(device)
+        self.prior = JointPrior(model_cfg).to(device) if model_cfg.z_len > 0 else None
+        self.disc = PatchDiscriminator(model_cfg.channels).to(device)
+        self.perceptual = PerceptualLoss(cfg.perceptual_weights).to(device) if cfg.perceptual_weight > 0 else None
+        self.ema = AveragedModel(self.tokenizer, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
+        wrap = (lambda m: DDP(m)) if distributed else (lambda m: m)
+        self.tokenizer_dp = wrap(self.tokenizer)
+        self.prior_dp = wrap(self.prior) if self.prior is not None else None
+        self.disc_dp = wrap(self.disc)
+        aux = list(self.disc.parameters()) + (list(self.prior.parameters()) if self.prior is not None else [])
+        adamw = dict(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr, **adamw)
+        self.opt_aux = torch.optim.AdamW(aux, lr=cfg.aux_lr, **adamw)
+        schedule = lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
+        self.sched_aux = torch.optim.lr_scheduler.LambdaLR(self.opt_aux, schedule)
+        self.step = 0
+        torch.manual_seed(cfg.seed * 1009 + 1 + rank)  # then rank-specific dropout draws
+
+    # -- one batch -----------------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        x = to_unit(images.to(self.device, non_blocking=True))
+        gan_on = self.step >= cfg.gan_start
+        stats: dict[str, float] = {}
+
+        # step 1: encoder + decoder; prior and discriminator frozen (used unwrapped, no DDP sync)
+        frozen = [p for m in (self.prior, self.disc) if m is not None for p in m.parameters()]
+        for p in frozen:
+            p.requires_grad_(False)
+        recon, enc = self.tokenizer_dp(x)
+        l1 = (recon - x).abs().mean()
+        l2 = F.mse_loss(recon, x)
+        loss = l1 + cfg.l2_weight * l2 + enc.visual.loss
+        stats.update(
+            l1=l1.item(),
+            l2=l2.item(),
+            vq=enc.visual.loss.item(),
+            visual_usage=float(enc.visual.usage),
+            visual_perplexity=float(enc.visual.perplexity),
+        )
+        if self.perceptual is not None:
+            perc = self.perceptual(recon, x)
+            loss = loss + cfg.perceptual_weight * perc
+            stats["perceptual"] = perc.item()
+        if gan_on:
+            gen = g_loss(self.disc(recon))
+            loss = loss + cfg.gan_weight * gen
+            stats["gan_g"] = gen.item()
+        if self.prior is not None:
+            ce = self.prior(enc.prologue.onehot, enc.visual.codes)
+            loss = loss + cfg.ce_prologue_weight * ce["ce_prologue"] + cfg.ce_visual_weight * ce["ce_visual"]
+            stats.update(ce_prologue=ce["ce_prologue"].item(), ce_visual=ce["ce_visual"].item())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        stats["grad_norm"] = self._clip(self.tokenizer.parameters())
+        self.opt.step()
+        self.sched.step()
+        self.ema.update_parameters(self.tokenizer)
+        for p in frozen:
+            p.requires_grad_(True)
+
+        # step 2: joint prior on detached codes + discriminator on detached reconstructions
+        aux_loss = None
+        if self.prior_dp is not None:
+            ce = self.prior_dp(enc.prologue.onehot.detach(), enc.visual.codes.detach())
+            aux_loss = ce["ce_prologue"] + ce["ce_visual"]
+            stats.update(prior_ce_prologue=ce["ce_prologue"].item(), prior_ce_visual=ce["ce_visual"].item())
+        if gan_on:
+            d = d_hinge_loss(self.disc_dp(x), self.disc_dp(recon.detach()))
+            aux_loss = d if aux_loss is None else aux_loss + d
+            stats["gan_d"] = d.item()
+        if aux_loss is not None:
+            self.opt_aux.zero_grad(set_to_none=True)
+            aux_loss.backward()
+            self._clip(p for g in self.opt_aux.param_groups for p in g["params"])
+            self.opt_aux.step()
+            self.sched_aux.step()  # the discriminator's schedule starts when it does (gan_start)
+
+        self.step += 1
+        stats.update(loss=loss.item(), lr=self.sched.get_last_lr()[0])
+        return stats
+
+    def _clip(self, params) -> float:
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return 0.0
+        if self.cfg.grad_clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Weights per file: tokenizer, ema (the evaluated/exported one), prior, discriminator."""
+        out = {
+            "tokenizer": self.tokenizer.state_dict(),
+            "ema": self.ema.module.state_dict(),
+            "discriminator": self.disc.state_dict(),
+        }
+        if self.prior is not None:
+            out["prior"] = self.prior.state_dict()
+        return {name: {k: v.detach().cpu().contiguous() for k, v in sd.items()} for name, sd in out.items()}
+
+    def training_state(self) -> dict:
+        return {
+            "step": self.step,
+            "opt": self.opt.state_dict(),
+            "opt_aux": self.opt_aux.state_dict(),
+            "sched": self.sched.state_dict(),
+            "sched_aux": self.sched_aux.state_dict(),
+            "ema_n_averaged": self.ema.n_averaged.cpu(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        }
+
+    def load(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> None:
+        self.tokenizer.load_state_dict(tensors["tokenizer"])
+        self.ema.module.load_state_dict(tensors["ema"])
+        self.disc.load_state_dict(tensors["discriminator"])
+        if self.prior is not None:
+            self.prior.load_state_dict(tensors["prior"])
+        self.opt.load_state_dict(state["opt"])
+        self.opt_aux.load_state_dict(state["opt_aux"])
+        self.sched.load_state_dict(state["sched"])
+        self.sched_aux.load_state_dict(state["sched_aux"])
+        self.ema.n_averaged.copy_(state["ema_n_averaged"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        self.step = state["step"]

@@ -1,0 +1,321 @@
+"""Train a stage-1 tokenizer variant from the image shards in the store.
+
+`train_tokenizer()` (what the asset calls) resolves the shards, computes the cache key and, unless
+that artefact already exists, launches the `worker` subcommand of this module as a subprocess on
+`tokenizer_train.processes` ranks (torchrun; gloo on CPU, NCCL on GPU). The worker resumes from
+the newest checkpoint in the store, trains, checkpoints every N steps, and rank 0 evaluates the
+EMA weights on val and writes the outputs; the parent then commits the manifest.
+
+Standalone: `python -m pipelines.train_tokenizer --profile fashion32 --variant prologue`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipelines.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipelines.config import from_dict, to_dict
+from pipelines.images import grid_png
+from pipelines.launch import launch
+from pipelines.profiles import SPLITS, VARIANTS, Profile, load_profile
+from pipelines.shard_reader import image_loader
+from pipelines.sharding import shard_split
+from pipelines.store import Artifact, Store, cache_key
+
+ASSET = "tokenizer"
+CODE_VERSION = "1"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizerResult:
+    artifact: Artifact
+    manifest: dict[str, Any]
+    cached: bool
+    seconds: float
+
+
+def train_tokenizer(
+    profile: Profile, variant: str, store: Store, *, on_log: Callable[[str], None] = log.info, progress: bool = True
+) -> TokenizerResult:
+    """Train (or find) the tokenizer of one variant; returns once its manifest is committed."""
+    start = time.perf_counter()
+    model_cfg = profile.tokenizer_for(variant)
+    shards = {s: shard_split(profile, s, store, progress=progress, on_log=on_log) for s in SPLITS}
+    config = {"variant": variant, "model": to_dict(model_cfg), "train": _train_config(profile)}
+    inputs = {f"image_shards/{s}": r.artifact.key for s, r in shards.items()}
+    artifact = store.artifact(ASSET, cache_key(ASSET, CODE_VERSION, config, inputs))
+    manifest = artifact.manifest()
+    if manifest is not None:
+        on_log(f"{ASSET}[{variant}] already materialised at {artifact.uri}")
+        return TokenizerResult(artifact, manifest, True, time.perf_counter() - start)
+
+    spec = {
+        "variant": variant,
+        "model": config["model"],
+        "train": to_dict(profile.tokenizer_train),
+        "shards": inputs,
+        "profile": f"{profile.name}@{profile.version}",
+    }
+    spec_record = artifact.put_bytes("spec.json", json.dumps(spec, indent=1).encode())
+    args = [
+        "worker",
+        "--store",
+        store.url,
+        "--key",
+        artifact.key,
+        "--storage-options",
+        json.dumps(store.storage_options),
+    ] + ([] if progress else ["--no-progress"])
+    launch("pipelines.train_tokenizer", args, profile.tokenizer_train.processes, on_line=on_log)
+
+    final = artifact.parts().get("final")
+    if final is None:
+        raise RuntimeError(f"{artifact.uri}: the training subprocess exited without its final outputs")
+    manifest = artifact.commit(
+        {**final["files"], "spec.json": spec_record},
+        profile=spec["profile"],
+        config=config,
+        lineage=inputs,
+        code_version=CODE_VERSION,
+        metrics=final["metrics"],
+        checkpoints=final["checkpoints"],
+        counts={"steps": final["steps"]},
+    )
+    return TokenizerResult(artifact, manifest, False, time.perf_counter() - start)
+
+
+def _train_config(profile: Profile) -> dict:
+    """The training settings that change the result (not how many processes or loader workers)."""
+    cfg = to_dict(profile.tokenizer_train)
+    for k in ("loader_workers", "log_every", "checkpoint_every"):
+        cfg.pop(k)
+    return cfg
+
+
+# -- worker (one per rank) -------------------------------------------------------------------------
+def _batches(artifact: Artifact, cfg, rank: int, world: int, epoch: int, skip: int) -> Iterator[torch.Tensor]:
+    """Endless training batches: a fresh seeded shuffle per epoch; starts `skip` batches into `epoch`."""
+    while True:
+        loader = image_loader(
+            artifact,
+            cfg.batch_size,
+            num_workers=cfg.loader_workers,
+            rank=rank,
+            world_size=world,
+            shuffle=cfg.shuffle_buffer,
+            seed=cfg.seed * 7919 + epoch,
+        )
+        for i, (images, _) in enumerate(loader):
+            if i >= skip and images.shape[0] == cfg.batch_size:
+                yield epoch, i + 1, images
+        epoch, skip = epoch + 1, 0
+
+
+def worker(store: Store, key: str, progress: bool) -> None:
+    from modeling.tokenizer import TokenizerConfig
+    from modeling.tokenizer_eval import evaluate
+    from modeling.tokenizer_trainer import TokenizerTrainConfig, TokenizerTrainer
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if world > 1:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    artifact = store.artifact(ASSET, key)
+    spec = json.loads(artifact.read_bytes("spec.json"))
+    model_cfg = from_dict(TokenizerConfig, spec["model"])
+    cfg = from_dict(TokenizerTrainConfig, spec["train"])
+    trainer = TokenizerTrainer(model_cfg, cfg, device, rank=rank, distributed=world > 1)
+    shards = {name.split("/")[1]: store.artifact("image_shards", k) for name, k in spec["shards"].items()}
+
+    history: list[dict] = []
+    positions = [(0, 0)] * world
+    ckpt = latest_checkpoint(artifact)
+    if ckpt is not None:
+        tensors, state = load_checkpoint(artifact, ckpt)
+        trainer.load(tensors, state)
+        history, positions = state["history"], state["positions"]
+        _say(rank, f"resumed from {ckpt['folder']} (step {trainer.step})")
+    epoch, skip = positions[rank]
+    batches = _batches(shards["train"], cfg, rank, world, epoch, skip)
+    bar = _progress(progress and rank == 0, cfg.steps, trainer.step)
+    t0, last_step = time.perf_counter(), trainer.step
+    while trainer.step < cfg.steps:
+        epoch, done_in_epoch, images = next(batches)
+        stats = trainer.train_step(images)
+        bar.update(1)
+        if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
+            rate = (trainer.step - last_step) * cfg.batch_size * world / (time.perf_counter() - t0)
+            t0, last_step = time.perf_counter(), trainer.step
+            history.append({"step": trainer.step, "epoch": epoch, "images_per_s": rate, **stats})
+            _say(
+                rank,
+                f"step {trainer.step}/{cfg.steps} "
+                + " ".join(
+                    f"{k}={v:.4g}"
+                    for k, v in stats.items()
+                    if k in ("loss", "l1", "vq", "ce_prologue", "ce_visual", "gan_g", "gan_d", "visual_usage")
+                )
+                + f" {rate:.0f} img/s",
+            )
+        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+            here = [(epoch, done_in_epoch)]
+            if world > 1:
+                gathered: list = [None] * world
+                dist.all_gather_object(gathered, here[0])
+                here = gathered
+            if rank == 0:
+                state = {**trainer.training_state(), "history": history, "positions": here}
+                folder = save_checkpoint(artifact, trainer.step, trainer.tensors(), state)
+                _say(rank, f"checkpoint {folder}")
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    in_sync = _ranks_in_sync(trainer.tokenizer, world)
+    if rank == 0:
+        _finish(artifact, trainer, shards["val"], cfg, history, evaluate, {"ranks": world, "ranks_in_sync": in_sync})
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _ranks_in_sync(model: torch.nn.Module, world: int) -> bool:
+    """Whether every rank ends with bit-identical weights (what data parallelism promises)."""
+    if world == 1:
+        return True
+    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()]).cpu()
+    digest = (flat.sum().item(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum().item())
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, digest)
+    return all(g == gathered[0] for g in gathered)
+
+
+def _finish(artifact: Artifact, trainer, val: Artifact, cfg, history: list[dict], evaluate, extra: dict) -> None:
+    """Rank 0: evaluate the EMA tokenizer on val, write the outputs, record the `final` part."""
+    from safetensors.torch import save_file
+
+    ema = trainer.ema.module
+    val_batches = (images for images, _ in image_loader(val, 250, num_workers=0, rank=0, world_size=1))
+    metrics, grid = evaluate(ema, val_batches, max_images=cfg.eval_images)
+    metrics.update(extra)
+    files = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = {"model/tokenizer.safetensors": ema.state_dict()}
+        if trainer.prior is not None:
+            weights["model/prior.safetensors"] = trainer.prior.state_dict()
+        for rel, sd in weights.items():
+            local = os.path.join(tmp, os.path.basename(rel))
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, local)
+            files[rel] = artifact.put_file(local, rel).__dict__
+    files["reconstructions.png"] = artifact.put_bytes("reconstructions.png", grid_png(grid)).__dict__
+    files["loss_curves.png"] = artifact.put_bytes("loss_curves.png", loss_curves_png(history)).__dict__
+    files["history.jsonl"] = artifact.put_bytes(
+        "history.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode()
+    ).__dict__
+    files["metrics.json"] = artifact.put_bytes("metrics.json", json.dumps(metrics, indent=1).encode()).__dict__
+    checkpoints = sorted(p["folder"] for n, p in artifact.parts().items() if n.startswith("ckpt-"))
+    artifact.record_part(
+        "final", {"files": files, "metrics": metrics, "steps": trainer.step, "checkpoints": checkpoints}
+    )
+    _say(
+        0,
+        f"val PSNR {metrics['psnr_db']:.2f} dB on {metrics['images']} images; visual codes used "
+        f"{metrics['visual_codes']['fraction_used']:.1%}",
+    )
+
+
+def loss_curves_png(history: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [
+        k
+        for k in (
+            "l1",
+            "l2",
+            "vq",
+            "ce_prologue",
+            "ce_visual",
+            "prior_ce_prologue",
+            "prior_ce_visual",
+            "gan_g",
+            "gan_d",
+        )
+        if any(k in h for h in history)
+    ]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6), squeeze=False)
+    for ax, k in zip(axes[0], keys, strict=True):
+        pts = [(h["step"], h[k]) for h in history if k in h]
+        ax.plot(*zip(*pts, strict=True))
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _say(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", disable=not (enabled and sys.stderr.isatty()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    w = sub.add_parser("worker", help="(internal) one training rank, started by torchrun or train_tokenizer")
+    w.add_argument("--store", required=True)
+    w.add_argument("--key", required=True)
+    w.add_argument("--storage-options", default="{}")
+    w.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
+    parser.add_argument("--variant", choices=VARIANTS, action="append", help="variant(s) to train (default: all)")
+    parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        worker(Store(args.store, json.loads(args.storage_options)), args.key, not args.no_progress)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    profile = load_profile(args.profile, args.overrides)
+    store = Store(args.store)
+    for variant in args.variant or VARIANTS:
+        r = train_tokenizer(profile, variant, store, on_log=print, progress=not args.no_progress)
+        m = r.manifest["metrics"]
+        print(
+            f"{variant}: val PSNR {m['psnr_db']:.2f} dB, visual codes used {m['visual_codes']['fraction_used']:.1%}"
+            f" {'(cached)' if r.cached else f'in {r.seconds:.0f}s'} -> {r.artifact.uri}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Stage-1 model code: tokenizer, quantizers, joint AR prior, discriminator and VGG feature loss (CPU, tiny sizes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from modeling.blocks import Transformer, grid_rope, rope_1d
+from modeling.discriminator import PatchDiscriminator, PerceptualLoss, d_hinge_loss, g_loss
+from modeling.joint_prior import JointPrior
+from modeling.quantizers import PrologueQuantizer, VisualQuantizer
+from modeling.tokenizer import Decoder, Tokenizer, TokenizerConfig
+from pipelines.config import ConfigError, field_docs, from_dict
+
+B, Z, N, V, P = 3, 4, 16, 64, 16  # batch, prologue tokens, visual tokens (16/4)^2, codebook sizes
+
+
+def tiny(z_len: int = Z, **kw) -> TokenizerConfig:
+    return TokenizerConfig(
+        image_size=16, patch_size=4, width=32, depth=2, heads=2, dec_width=32, dec_depth=1, dec_heads=2,
+        visual_codebook=V, z_len=z_len, prologue_codebook=P, prior_width=32, prior_depth=1, prior_heads=2, **kw,
+    )  # fmt: skip
+
+
+def images(n: int = B, seed: int = 0) -> torch.Tensor:
+    """Smooth colour images in [-1, 1]: random 4x4 colour grids, bilinearly upsampled to 16x16."""
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(n, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear", align_corners=False)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def nonzero(p: torch.nn.Parameter) -> bool:
+    return p.grad is not None and bool(p.grad.abs().sum() > 0)
+
+
+# 1. shapes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("z_len", [0, Z])
+def test_output_shapes(z_len):
+    tok = Tokenizer(tiny(z_len))
+    x = images()
+    patches, queries = tok.encoder(x)
+    assert patches.shape == (B, N, 32) and queries.shape == (B, z_len, 32)
+    recon, enc = tok(x)
+    assert recon.shape == x.shape
+    v = enc.visual
+    assert v.codes.shape == (B, N) and v.codes.dtype == torch.long and int(v.codes.max()) < V
+    assert v.quantized.shape == (B, N, 8) and v.loss.shape == () and v.perplexity.shape == v.usage.shape == ()
+    assert tok.visual_quantizer.lookup(v.codes).shape == (B, N, 8)
+    assert tok.decode(v.quantized).shape == tok.decode_codes(v.codes).shape == x.shape
+    if z_len == 0:
+        assert enc.prologue is None
+        return
+    pro = enc.prologue
+    assert pro.codes.shape == (B, Z) and pro.codes.dtype == torch.long and pro.onehot.shape == (B, Z, P)
+    out = JointPrior(tiny(z_len))(pro.onehot, v.codes)
+    assert out["logits"].shape == (B, Z + 1 + N, V + P + 1)
+    assert out["ce_prologue"].shape == out["ce_visual"].shape == ()
+    assert torch.isfinite(out["ce_prologue"]) and torch.isfinite(out["ce_visual"])
+
+
+def test_decode_codes_equals_forward_reconstruction():
+    tok = Tokenizer(tiny())
+    recon, enc = tok(images())
+    assert torch.equal(enc.visual.quantized, tok.visual_quantizer.lookup(enc.visual.codes))
+    assert torch.equal(tok.decode_codes(enc.visual.codes), recon)
+
+
+def test_rope_tables():
+    assert rope_1d(torch.arange(5), 8).shape == (5, 4)
+    grid = grid_rope(3, 8)  # 9 patches; first 2 pairs rotate with the row, last 2 with the column
+    assert grid.shape == (9, 4)
+    assert torch.equal(grid[4, :2], rope_1d(torch.tensor([1]), 4)[0]) and torch.equal(grid[5, 2:], grid[2, 2:])
+    with pytest.raises(AssertionError):
+        Transformer(8, 1, 2)(torch.zeros(1, 4, 8), rope_1d(torch.arange(3), 4))
+
+
+def test_config_validation_and_docs():
+    cfg = from_dict(TokenizerConfig, {"z_len": "0", "beta": "0.5"})
+    assert cfg.z_len == 0 and cfg.beta == 0.5
+    assert set(field_docs(TokenizerConfig)) == {f.name for f in dataclasses.fields(TokenizerConfig)}
+    for bad, message in [
+        ({"patch_size": 5}, "patch_size: 5 does not divide image_size 32"),
+        ({"heads": 3}, "heads: "),
+        ({"z_len": -1}, "z_len: must be >= 0"),
+        ({"visual_dropout": 1.5}, "visual_dropout: must be in [0, 1]"),
+        ({"prologue_temperature": 0}, "prologue_temperature: must be > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            from_dict(TokenizerConfig, bad)
+
+
+# 2. CE gradient reaches the encoder only through the prologue path -------------------------------
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_prior_ce_gradient_path(detach):
+    tok, prior = Tokenizer(tiny()), JointPrior(tiny())
+    enc = tok.encode(images())
+    onehot = enc.prologue.onehot.detach() if detach else enc.prologue.onehot
+    out = prior(onehot, enc.visual.codes, visual_dropout=0.0)
+    (out["ce_prologue"] + out["ce_visual"]).backward()
+    encoder_params = dict(tok.encoder.named_parameters())
+    if detach:  # visual tokens enter as ids: no CE gradient anywhere in the tokenizer
+        assert not any(nonzero(p) for p in tok.parameters())
+    else:
+        assert [n for n, p in encoder_params.items() if not nonzero(p)] == []
+        assert nonzero(tok.encoder.queries) and nonzero(tok.prologue_quantizer.proj.weight)
+        assert not any(nonzero(p) for p in [*tok.visual_quantizer.parameters(), *tok.decoder.parameters()])
+    assert nonzero(prior.head.weight) and nonzero(prior.bos)
+
+
+# 3. the decoder never sees prologue tokens -------------------------------------------------------
+
+
+def test_decoder_is_independent_of_prologue():
+    assert list(inspect.signature(Decoder.forward).parameters) == ["self", "quantized"]
+    tok = Tokenizer(tiny())
+    x = images()
+    recon, enc = tok(x)
+    with torch.no_grad():  # a different prologue codebook and projection: same visual path, same images
+        for p in tok.prologue_quantizer.parameters():
+            p.add_(torch.randn_like(p))
+    recon2, enc2 = tok(x)
+    assert not torch.equal(enc.prologue.codes, enc2.prologue.codes)  # the prologue did change
+    assert torch.equal(recon, recon2)
+    with torch.no_grad():  # different queries: decoding the same visual codes gives the same images
+        tok.encoder.queries.add_(torch.randn_like(tok.encoder.queries))
+    assert torch.equal(tok.decode(enc.visual.quantized), recon)
+    assert torch.equal(tok.decode_codes(enc.visual.codes), recon)
+    tok.zero_grad()
+    recon3, _ = tok(x)  # the reconstruction loss sends no gradient into the prologue path
+    (recon3 - x).abs().mean().backward()
+    assert not any(nonzero(p) for p in tok.prologue_quantizer.parameters())
+
+
+# 4. the baseline has no prologue parameters ------------------------------------------------------
+
+
+def test_baseline_has_no_prologue_parameters():
+    base, pro = Tokenizer(tiny(0)), Tokenizer(tiny())
+    names = [n for n, _ in base.named_parameters()]
+    assert not [n for n in names if "prologue" in n or "queries" in n]
+    assert base.prologue_quantizer is None and not hasattr(base.encoder, "queries")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(pro) - count(base) == count(pro.prologue_quantizer) + pro.encoder.queries.numel() > 0
+    with pytest.raises(ValueError, match="z_len"):
+        JointPrior(tiny(0))
+
+
+# 5. straight-through estimators ------------------------------------------------------------------
+
+
+def test_visual_ste_passes_gradient_to_encoder():
+    tok = Tokenizer(tiny(0))
+    recon, enc = tok(images())
+    ((recon - images()).abs().mean() + enc.visual.loss).backward()
+    assert nonzero(tok.encoder.patchify.weight) and nonzero(tok.visual_quantizer.proj.weight)
+    assert nonzero(tok.visual_quantizer.codebook.weight)  # trained by the VQ loss
+
+
+def test_prologue_ste_value_is_hard_and_gradient_is_softmax():
+    q = PrologueQuantizer(in_dim=32, code_dim=8, codebook_size=P, temperature=0.1)
+    x = torch.randn(B, Z, 32, requires_grad=True)
+    w = torch.randn(B, Z, P)
+    out = q(x)
+    assert torch.equal(out.onehot, F.one_hot(out.codes, P).float())  # exact, not approximately
+    (grad_ste,) = torch.autograd.grad((out.onehot * w).sum(), x)
+    soft = torch.softmax(q.project(x) @ q.entries().T / 0.1, dim=-1)
+    (grad_soft,) = torch.autograd.grad((soft * w).sum(), x)
+    assert grad_ste.abs().sum() > 0 and torch.allclose(grad_ste, grad_soft, atol=1e-6)
+    # Through the tokenizer the same one-hot sends gradient into the encoder.
+    tok = Tokenizer(tiny())
+    (tok.encode(images()).prologue.onehot * torch.randn(B, Z, P)).sum().backward()
+    assert nonzero(tok.encoder.patchify.weight) and nonzero(tok.encoder.queries)
+
+
+def test_visual_quantizer_picks_nearest_entry_by_cosine():
+    q = VisualQuantizer(in_dim=32, code_dim=8, codebook_size=V)
+    x = torch.randn(B, N, 32)
+    out = q(x)
+    sims = q.project(x) @ q.entries().T
+    assert torch.equal(out.codes, sims.argmax(-1))
+    assert torch.allclose(q.entries().norm(dim=-1), torch.ones(V)) and torch.equal(out.quantized, q.lookup(out.codes))
+    assert out.loss > 0
+
+
+# 6. visual dropout -------------------------------------------------------------------------------
+
+
+def _prior_run(prior, onehot, codes, **kw):
+    seen = []
+    handle = prior.embedding.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    out = prior(onehot, codes, **kw)
+    handle.remove()
+    return out, seen[0]  # ids embedded: [EOS, visual inputs 1..N-1]
+
+
+def test_visual_dropout():
+    prior = JointPrior(tiny(visual_dropout=1.0)).eval()
+    onehot = F.one_hot(torch.randint(0, P, (B, Z)), P).float()
+    codes, other = torch.randint(0, V, (B, N)), torch.randint(0, V, (B, N))
+    eos = V + P
+
+    out, ids = _prior_run(prior, onehot, codes, visual_dropout=1.0)
+    out2, _ = _prior_run(prior, onehot, other, visual_dropout=1.0)
+    assert (ids == eos).all()  # every visual input became EOS
+    assert torch.equal(out["logits"], out2["logits"])  # so the visual codes cannot change any logit
+    assert out["ce_visual"] != out2["ce_visual"]  # while the targets are still the real codes
+
+    out, ids = _prior_run(prior, onehot, codes, visual_dropout=0.0)
+    out2, _ = _prior_run(prior, onehot, other, visual_dropout=0.0)
+    assert (ids[:, 0] == eos).all() and torch.equal(ids[:, 1:], codes[:, :-1])
+    assert torch.equal(out["logits"][:, : Z + 1], out2["logits"][:, : Z + 1])  # causal: prologue ignores visuals
+    assert not torch.equal(out["logits"][:, Z + 2 :], out2["logits"][:, Z + 2 :])
+
+    _, ids = _prior_run(prior, onehot, codes)  # eval default: no dropout
+    assert torch.equal(ids[:, 1:], codes[:, :-1])
+    _, ids = _prior_run(prior.train(), onehot, codes)  # train default: cfg.visual_dropout (= 1 here)
+    assert (ids == eos).all()
+    _, ids = _prior_run(prior, onehot, codes, visual_dropout=0.5)  # per sample: all or none of a row
+    assert all((row == eos).all() or torch.equal(row[1:], c[:-1]) for row, c in zip(ids, codes, strict=True))
+
+
+# 7. logit masks ----------------------------------------------------------------------------------
+
+
+def test_logit_masks():
+    prior = JointPrior(tiny())
+    with torch.no_grad():
+        prior.head.weight.normal_(std=10.0)  # large random logits everywhere before masking
+    onehot = F.one_hot(torch.randint(0, P, (8, Z)), P).float()
+    logits = prior(onehot, torch.randint(0, V, (8, N)))["logits"]
+    top = logits.argmax(-1)
+    assert ((top[:, :Z] >= V) & (top[:, :Z] < V + P)).all()
+    assert (top[:, Z] == V + P).all()
+    assert (top[:, Z + 1 :] < V).all()
+    assert torch.isinf(logits[:, :Z, :V]).all() and torch.isinf(logits[:, Z + 1 :, V:]).all()
+
+
+# 8. a short overfit ------------------------------------------------------------------------------
+
+
+def test_overfit_reduces_l1_by_half():
+    tok = Tokenizer(tiny(0))
+    x = images(8)
+    opt = torch.optim.AdamW(tok.parameters(), lr=1e-3)
+    with torch.no_grad():
+        start = (tok(x)[0] - x).abs().mean().item()
+    for _ in range(100):
+        recon, enc = tok(x)
+        loss = (recon - x).abs().mean() + enc.visual.loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        recon, enc = tok(x)
+    end = (recon - x).abs().mean().item()
+    assert end <= 0.5 * start, (start, end)
+    used = enc.visual.usage.item() * V
+    assert 1 <= enc.visual.perplexity.item() <= used + 1e-4 and 1 <= used <= min(V, 8 * N)
+
+
+# 9. discriminator and VGG feature loss -----------------------------------------------------------
+
+
+def test_patch_discriminator_and_hinge_losses():
+    d = PatchDiscriminator(channels=3, base=8, layers=3)
+    assert d(torch.randn(2, 3, 32, 32)).shape == (2, 1, 4, 4)
+    assert d(torch.randn(1, 3, 16, 16)).shape == (1, 1, 2, 2)  # batch 1 in train mode (GroupNorm)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in d.modules())
+    ones = torch.ones(2, 1, 4, 4)
+    assert d_hinge_loss(2 * ones, -2 * ones).item() == 0.0  # confident and right: no loss
+    assert d_hinge_loss(0 * ones, 0 * ones).item() == 1.0
+    assert d_hinge_loss(0.5 * ones, 0.5 * ones).item() == pytest.approx(0.5 * (0.5 + 1.5))
+    assert g_loss(3 * ones).item() == -3.0
+
+
+@pytest.fixture(scope="module")
+def vgg_weights(tmp_path_factory):
+    """A randomly initialised torchvision VGG16's `features.*` weights, written locally (no download)."""
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
+    state = torchvision.models.vgg16(weights=None).state_dict()
+    torch.save({k: v for k, v in state.items() if k.startswith("features.")}, path)
+    return str(path)
+
+
+def test_perceptual_loss(vgg_weights, tmp_path):
+    loss = PerceptualLoss(vgg_weights).train()
+    assert not loss.vgg.training and not any(p.requires_grad for p in loss.parameters())
+    a, b = images(2, seed=1), images(2, seed=2)
+    assert loss(a, a).item() == 0.0
+    a.requires_grad_(True)
+    value = loss(a, b)
+    value.backward()
+    assert value.item() > 0 and a.grad.abs().sum() > 0
+    with pytest.raises(FileNotFoundError, match="VGG16 weights"):
+        PerceptualLoss(str(tmp_path / "missing.pth"))

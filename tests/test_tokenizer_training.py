@@ -1,0 +1,158 @@
+"""Stage-1 training: resumable state, learning, kill-and-resume, 2-process DDP, the Dagster asset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from dagster import DagsterInstance, materialize
+
+from modeling.tokenizer_trainer import TokenizerTrainer
+from pipelines.checkpoints import latest_checkpoint, load_checkpoint, load_tensors, save_checkpoint
+from pipelines.profiles import load_profile
+from pipelines.store import Store
+from pipelines.train_tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batches(n: int, size: int = 8) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return [torch.randint(0, 256, (size, 3, 32, 32), generator=g, dtype=torch.uint8) for _ in range(n)]
+
+
+@pytest.mark.parametrize("variant", ["baseline", "prologue"])
+def test_checkpoint_round_trip_continues_identically(variant, store):
+    profile = load_profile("tiny", ["tokenizer_train.gan_start=2"])  # the discriminator is in the state too
+    model_cfg, cfg = profile.tokenizer_for(variant), profile.tokenizer_train
+    batches = _batches(6)
+
+    straight = TokenizerTrainer(model_cfg, cfg, torch.device("cpu"))
+    for b in batches:
+        straight.train_step(b)
+
+    first = TokenizerTrainer(model_cfg, cfg, torch.device("cpu"))
+    for b in batches[:3]:
+        first.train_step(b)
+    art = store.artifact("tokenizer", f"roundtrip-{variant}")
+    save_checkpoint(art, first.step, first.tensors(), first.training_state())
+    del first
+
+    resumed = TokenizerTrainer(model_cfg, cfg, torch.device("cpu"))
+    resumed.load(*load_checkpoint(art, latest_checkpoint(art)))
+    assert resumed.step == 3
+    for b in batches[3:]:
+        resumed.train_step(b)
+    a, b = straight.tensors(), resumed.tensors()
+    assert a.keys() == b.keys()
+    for name in a:
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"{name}.{k} differs after resume"
+
+
+def test_baseline_has_no_prior_and_prologue_trains_it():
+    profile = load_profile("tiny")
+    base = TokenizerTrainer(profile.tokenizer_for("baseline"), profile.tokenizer_train, torch.device("cpu"))
+    pro = TokenizerTrainer(profile.tokenizer_for("prologue"), profile.tokenizer_train, torch.device("cpu"))
+    assert base.prior is None and "prior" not in base.tensors()
+    before = {k: v.clone() for k, v in pro.prior.state_dict().items()}
+    stats = pro.train_step(_batches(1)[0])
+    assert {"ce_prologue", "ce_visual", "prior_ce_prologue", "prior_ce_visual"} <= stats.keys()
+    assert any(not torch.equal(before[k], v) for k, v in pro.prior.state_dict().items())
+
+
+def test_training_learns_and_writes_outputs(tmp_path, fashion_mnist):
+    store = Store(str(tmp_path))
+    profile = load_profile("tiny", ["tokenizer_train.steps=60", "tokenizer_train.gan_start=1000"])
+    result = train_tokenizer(profile, "prologue", store, progress=False, on_log=lambda _: None)
+    m = result.manifest
+    history = [json.loads(line) for line in result.artifact.read_bytes("history.jsonl").decode().splitlines()]
+    assert [h["step"] for h in history] == list(range(5, 61, 5))
+    assert history[-1]["l1"] < 0.6 * history[0]["l1"]  # reconstruction learns
+    assert history[-1]["prior_ce_visual"] < history[0]["prior_ce_visual"]  # so does the joint prior
+    metrics = m["metrics"]
+    assert metrics["images"] == 128 and metrics["psnr_db"] > 10
+    assert 0 < metrics["visual_codes"]["fraction_used"] <= 1
+    assert len(metrics["prologue_codes"]["used_per_position"]) == 2
+    for rel in ("model/tokenizer.safetensors", "model/prior.safetensors", "reconstructions.png",
+                "loss_curves.png", "metrics.json", "spec.json"):
+        assert rel in m["files"], rel
+    assert result.artifact.verify(checksums=True) == []
+    ema = load_tensors(result.artifact, "model/tokenizer.safetensors")
+    assert not any("prior" in k for k in ema) and any("prologue_quantizer" in k for k in ema)
+    again = train_tokenizer(profile, "prologue", store, progress=False, on_log=lambda _: None)
+    assert again.cached and again.manifest == m
+
+
+def _cli(store_url: str, *extra: str, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pipelines.train_tokenizer", "--profile", "tiny", "--store", store_url,
+           "--variant", "prologue", "--no-progress", "--set", "tokenizer_train.steps=80",
+           "--set", "tokenizer_train.checkpoint_every=10", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_killed_training_resumes_to_identical_weights(tmp_path, fashion_mnist):
+    store_dir = tmp_path / "killed"
+    proc = _cli(str(store_dir), start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(store_dir.glob("tokenizer/*/_parts/ckpt-0000020.json")):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    [art_dir] = store_dir.glob("tokenizer/*")
+    assert not (art_dir / "_manifest.json").exists()
+
+    resumed = _cli(str(store_dir))
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert "resumed from checkpoints/step-00000" in out
+
+    clean = _cli(str(tmp_path / "clean"))
+    out_clean = clean.communicate(timeout=300)[0]
+    assert clean.returncode == 0, out_clean
+    [clean_dir] = (tmp_path / "clean").glob("tokenizer/*")
+    assert clean_dir.name == art_dir.name  # same config, same cache key
+    killed_m = json.loads((art_dir / "_manifest.json").read_text())
+    clean_m = json.loads((clean_dir / "_manifest.json").read_text())
+    for rel in ("model/tokenizer.safetensors", "model/prior.safetensors"):
+        assert killed_m["files"][rel]["sha256"] == clean_m["files"][rel]["sha256"], rel
+
+
+def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, fashion_mnist):
+    profile = load_profile("tiny", ["tokenizer_train.processes=2", "tokenizer_train.steps=12",
+                                    "tokenizer_train.gan_start=6"])
+    lines: list[str] = []
+    result = train_tokenizer(profile, "prologue", Store(str(tmp_path)), progress=False, on_log=lines.append)
+    metrics = result.manifest["metrics"]
+    assert metrics["ranks"] == 2 and metrics["ranks_in_sync"] is True
+    assert result.manifest["counts"]["steps"] == 12
+
+
+def test_tokenizer_asset_both_variants(tmp_path, fashion_mnist):
+    from assets.data import image_shards
+    from assets.resources import ProfileResource, StoreResource
+    from assets.tokenizer import tokenizer
+
+    resources = {"store": StoreResource(url=str(tmp_path)), "profile": ProfileResource(name="tiny")}
+    with DagsterInstance.ephemeral() as instance:
+        for split in ("train", "val"):
+            assert materialize([image_shards], partition_key=split, resources=resources, instance=instance).success
+        psnr = {}
+        for variant in ("baseline", "prologue"):
+            result = materialize([tokenizer], partition_key=variant, resources=resources, instance=instance)
+            assert result.success
+            [mat] = result.get_asset_materialization_events()
+            md = {k: v.value for k, v in mat.materialization.metadata.items()}
+            assert md["steps"] == 30 and md["val_images"] == 128
+            assert "data:image/png;base64," in md["reconstructions"]
+            assert ("prologue_codes_used" in md) == (variant == "prologue")
+            psnr[variant] = md["val_psnr_db"]
+    assert all(v > 0 for v in psnr.values())
