@@ -183,7 +183,12 @@ class TokenizerTrainer:
         if self.prior is not None:
             ce = self.prior(enc.prologue.onehot, enc.visual.codes)
             loss = loss + cfg.ce_prologue_weight * ce["ce_prologue"] + cfg.ce_visual_weight * ce["ce_visual"]
-            stats.update(ce_prologue=ce["ce_prologue"].item(), ce_visual=ce["ce_visual"].item())
+            stats.update(
+                ce_prologue=ce["ce_prologue"].item(),
+                ce_visual=ce["ce_visual"].item(),
+                prologue_usage=float(enc.prologue.usage),
+                prologue_perplexity=float(enc.prologue.perplexity),
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         stats["grad_norm"] = self._clip(self.tokenizer.parameters())

@@ -171,7 +171,18 @@ def worker(store: Store, key: str, progress: bool) -> None:
                 + " ".join(
                     f"{k}={v:.4g}"
                     for k, v in stats.items()
-                    if k in ("loss", "l1", "vq", "ce_prologue", "ce_visual", "gan_g", "gan_d", "visual_usage")
+                    if k
+                    in (
+                        "loss",
+                        "l1",
+                        "vq",
+                        "ce_prologue",
+                        "ce_visual",
+                        "gan_g",
+                        "gan_d",
+                        "visual_usage",
+                        "prologue_perplexity",
+                    )
                 )
                 + f" {rate:.0f} img/s",
             )
