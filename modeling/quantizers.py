@@ -27,6 +27,7 @@ class VisualQuantized:
     loss: Tensor  # scalar, codebook term + beta * commitment term
     perplexity: Tensor  # scalar, exp(entropy) of the code histogram of the batch (1..codebook_size)
     usage: Tensor  # scalar, fraction of the codebook used in the batch (0..1]
+    projected: Tensor  # [B, N, code_dim] unit vectors before quantization (for codebook restarts)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class PrologueQuantized:
     onehot: Tensor  # [B, Z, K] float, exactly one-hot in value, softmax(sim / temperature) in gradient
     perplexity: Tensor  # scalar
     usage: Tensor  # scalar
+    projected: Tensor  # [B, Z, code_dim] unit vectors before quantization (for codebook restarts)
 
 
 def usage_stats(codes: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
@@ -81,7 +83,7 @@ class VisualQuantizer(CosineCodebook):
         loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
         quantized = q + (z - z.detach())  # straight-through: value q, gradient to z
         perplexity, usage = usage_stats(codes, self.codebook_size)
-        return VisualQuantized(codes, quantized, loss, perplexity, usage)
+        return VisualQuantized(codes, quantized, loss, perplexity, usage, z)
 
 
 class PrologueQuantizer(CosineCodebook):
@@ -90,10 +92,11 @@ class PrologueQuantizer(CosineCodebook):
         self.temperature = temperature
 
     def forward(self, x: Tensor) -> PrologueQuantized:
-        sim = self.project(x) @ self.entries().T  # [B, Z, K] cosine similarities
+        z = self.project(x)  # [B, Z, c]
+        sim = z @ self.entries().T  # [B, Z, K] cosine similarities
         codes = sim.argmax(-1)  # [B, Z]
         hard = F.one_hot(codes, self.codebook_size).to(sim.dtype)
         soft = torch.softmax(sim / self.temperature, dim=-1)
         onehot = hard + (soft - soft.detach())  # probabilistic straight-through (see module docstring)
         perplexity, usage = usage_stats(codes, self.codebook_size)
-        return PrologueQuantized(codes, onehot, perplexity, usage)
+        return PrologueQuantized(codes, onehot, perplexity, usage, z)

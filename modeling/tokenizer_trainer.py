@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 
+from modeling.codebook_restart import DeadCodeRestarter
 from modeling.discriminator import PatchDiscriminator, PerceptualLoss, d_hinge_loss, g_loss
 from modeling.joint_prior import JointPrior
 from modeling.tokenizer import Tokenizer, TokenizerConfig
@@ -65,6 +66,9 @@ class TokenizerTrainConfig:
     """Weight of the joint prior's CE on prologue and EOS positions (prologue variant)."""
     ce_visual_weight: float = 3.0
     """Weight of the joint prior's CE on visual positions (prologue variant)."""
+    restart_dead_codes_every: int = 0
+    """Re-seed codebook entries unused for this many steps from recent encoder outputs (0: off, as in
+    the paper; see modeling/codebook_restart.py)."""
     processes: int = 1
     """Data-parallel processes (one per GPU; CPU processes with gloo where there is none)."""
     loader_workers: int = 1
@@ -147,6 +151,14 @@ class TokenizerTrainer:
         schedule = lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
         self.sched_aux = torch.optim.lr_scheduler.LambdaLR(self.opt_aux, schedule)
+        self.restarters = {}
+        if cfg.restart_dead_codes_every:
+            self.restarters["visual"] = DeadCodeRestarter(self.tokenizer.visual_quantizer, cfg.restart_dead_codes_every)
+            if self.tokenizer.prologue_quantizer is not None:
+                self.restarters["prologue"] = DeadCodeRestarter(
+                    self.tokenizer.prologue_quantizer, cfg.restart_dead_codes_every
+                )
+        self.restart_rng = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         torch.manual_seed(cfg.seed * 1009 + 1 + rank)  # then rank-specific dropout draws
 
@@ -216,6 +228,12 @@ class TokenizerTrainer:
             self.sched_aux.step()  # the discriminator's schedule starts when it does (gan_start)
 
         self.step += 1
+        for name, restarter in self.restarters.items():
+            q = enc.visual if name == "visual" else enc.prologue
+            restarter.observe(q.codes, q.projected)
+            restarted = restarter.maybe_restart(self.step, self.restart_rng)
+            if restarted:
+                stats[f"{name}_codes_restarted"] = float(restarted)
         stats.update(loss=loss.item(), lr=self.sched.get_last_lr()[0])
         return stats
 
@@ -247,6 +265,7 @@ class TokenizerTrainer:
             "sched": self.sched.state_dict(),
             "sched_aux": self.sched_aux.state_dict(),
             "ema_n_averaged": self.ema.n_averaged.cpu(),
+            "restart": {"rng": self.restart_rng.get_state(), **{k: r.counts for k, r in self.restarters.items()}},
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
         }
 
@@ -261,6 +280,9 @@ class TokenizerTrainer:
         self.sched.load_state_dict(state["sched"])
         self.sched_aux.load_state_dict(state["sched_aux"])
         self.ema.n_averaged.copy_(state["ema_n_averaged"])
+        self.restart_rng.set_state(state["restart"]["rng"])
+        for name, restarter in self.restarters.items():
+            restarter.counts.copy_(state["restart"][name])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])

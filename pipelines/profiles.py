@@ -172,6 +172,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "tokenizer_train": {
             "steps": 1500,
             "batch_size": 32,
+            "restart_dead_codes_every": 100,
             "warmup_steps": 100,
             "gan_start": 750,
             "checkpoint_every": 250,

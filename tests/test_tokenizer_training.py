@@ -30,7 +30,8 @@ def _batches(n: int, size: int = 8) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("variant", ["baseline", "prologue"])
 def test_checkpoint_round_trip_continues_identically(variant, store):
-    profile = load_profile("tiny", ["tokenizer_train.gan_start=2"])  # the discriminator is in the state too
+    # the discriminator and the codebook-restart counters/RNG are part of the state too
+    profile = load_profile("tiny", ["tokenizer_train.gan_start=2", "tokenizer_train.restart_dead_codes_every=2"])
     model_cfg, cfg = profile.tokenizer_for(variant), profile.tokenizer_train
     batches = _batches(6)
 
@@ -156,3 +157,24 @@ def test_tokenizer_asset_both_variants(tmp_path, fashion_mnist):
             assert ("prologue_codes_used" in md) == (variant == "prologue")
             psnr[variant] = md["val_psnr_db"]
     assert all(v > 0 for v in psnr.values())
+
+
+def test_dead_code_restart_reseeds_unused_entries():
+    from modeling.codebook_restart import DeadCodeRestarter
+    from modeling.quantizers import VisualQuantizer
+
+    q = VisualQuantizer(16, 4, 32)
+    restarter = DeadCodeRestarter(q, every=2)
+    x = torch.randn(4, 10, 16)
+    out = q(x)
+    used = set(out.codes.flatten().tolist())
+    before = q.codebook.weight.detach().clone()
+    restarter.observe(out.codes, out.projected)
+    assert restarter.maybe_restart(1, torch.Generator().manual_seed(0)) == 0  # not a check step
+    restarted = restarter.maybe_restart(2, torch.Generator().manual_seed(0))
+    assert restarted == 32 - len(used)
+    changed = {i for i in range(32) if not torch.equal(before[i], q.codebook.weight[i])}
+    assert changed == set(range(32)) - used  # only dead entries move, to near recent outputs
+    sims = torch.nn.functional.normalize(q.codebook.weight[sorted(changed)], dim=-1) @ out.projected.flatten(0, 1).T
+    assert (sims.max(1).values > 0.99).all()
+    assert restarter.counts.sum() == 0
