@@ -101,7 +101,8 @@ class Profile:
     def validate(self) -> None:
         if self.tokenizer.image_size != self.data.resolution:
             raise ConfigError(
-                f"tokenizer.image_size: {self.tokenizer.image_size} differs from data.resolution {self.data.resolution}"
+                f"tokenizer.image_size: {self.tokenizer.image_size} differs from data.resolution "
+                f"{self.data.resolution}; set both"
             )
 
     def tokenizer_for(self, variant: str) -> TokenizerConfig:

@@ -33,6 +33,8 @@ def test_partial_override_keeps_nested_defaults():
         (["data.resize=stretch"], "data.resize: 'stretch' is not one of"),
         (["bogus=1"], "bogus: unknown field"),
         (["noequals"], "expected dotted.field=value"),
+        (["data.resolution=64"], "tokenizer.image_size: 32 differs from data.resolution 64"),
+        (["tokenizer.patch_size=5"], "tokenizer.patch_size: 5 does not divide image_size 32"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):
@@ -44,7 +46,8 @@ def test_unknown_profile_and_json_profiles(tmp_path):
     with pytest.raises(ConfigError, match="unknown profile 'nope'"):
         load_profile("nope")
     path = tmp_path / "mine.json"
-    path.write_text(json.dumps({"name": "mine", "data": {"resolution": 64, "resize": "center_crop"}}))
+    path.write_text(json.dumps({"name": "mine", "data": {"resolution": 64, "resize": "center_crop"},
+                                "tokenizer": {"image_size": 64}}))
     p = load_profile(str(path))
     assert p.name == "mine" and p.data.resolution == 64 and p.data.train.kind == "idx"
 

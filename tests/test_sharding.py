@@ -94,7 +94,8 @@ def test_shard_assignment_is_independent_of_worker_count(tmp_path, fashion_mnist
 def test_corrupt_images_are_counted_and_skipped(store, photo_folder):
     root, n = photo_folder
     profile = load_profile("tiny", {"data": {"val": {"kind": "folder", "url": str(root), "limit": 0},
-                                             "resize": "center_crop", "resolution": 48, "shard_size": 8}})
+                                             "resize": "center_crop", "resolution": 48, "shard_size": 8},
+                                    "tokenizer": {"image_size": 48}})
     result = shard_split(profile, "val", store, progress=False)
     counts = result.manifest["counts"]
     assert counts["source_items"] == n + 1

@@ -94,7 +94,7 @@ def test_training_learns_and_writes_outputs(tmp_path, fashion_mnist):
 
 def _cli(store_url: str, *extra: str, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pipelines.train_tokenizer", "--profile", "tiny", "--store", store_url,
-           "--variant", "prologue", "--no-progress", "--set", "tokenizer_train.steps=80",
+           "--variant", "prologue", "--no-progress", "--set", "tokenizer_train.steps=50",
            "--set", "tokenizer_train.checkpoint_every=10", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
