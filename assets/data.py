@@ -23,6 +23,21 @@ from pipelines.sources import open_source
 split_partitions = StaticPartitionsDefinition(["train", "val"])
 
 
+def materialized(result, metadata: dict) -> MaterializeResult:
+    """The MaterializeResult of a step result (artifact, manifest, cached, seconds): the metadata
+    every asset shows (store URI, cache key, profile, reuse, time) plus `metadata`; the cache key is
+    the data version."""
+    art = result.artifact
+    common = {
+        "uri": MetadataValue.path(art.uri),
+        "cache_key": art.key,
+        "profile": result.manifest["profile"],
+        "reused_existing": result.cached,
+        "seconds": round(result.seconds, 2),
+    }
+    return MaterializeResult(metadata={**common, **metadata}, data_version=DataVersion(art.key))
+
+
 def png_markdown(png: bytes, alt: str) -> MetadataValue:
     """An image the Dagster UI shows inline in the asset's metadata."""
     return MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
@@ -56,17 +71,12 @@ def image_shards(context: AssetExecutionContext, store: StoreResource, profile: 
     m, art = result.manifest, result.artifact
     counts = m["counts"]
     metadata = {
-        "uri": MetadataValue.path(art.uri),
-        "cache_key": art.key,
-        "profile": m["profile"],
         "samples": counts["samples"],
         "corrupt_skipped": counts["corrupt"],
         "shards": counts["shards"],
         "per_class": MetadataValue.json(counts["per_class"]),
         "bytes": sum(f["size"] for f in m["files"].values()),
-        "reused_existing": result.cached,
-        "seconds": round(result.seconds, 2),
     }
     if "preview.png" in m["files"]:
         metadata["preview"] = png_markdown(art.read_bytes("preview.png"), f"{split} preview")
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(art.key))
+    return materialized(result, metadata)

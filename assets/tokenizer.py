@@ -4,14 +4,13 @@ from dagster import (
     AllPartitionMapping,
     AssetDep,
     AssetExecutionContext,
-    DataVersion,
     MaterializeResult,
     MetadataValue,
     StaticPartitionsDefinition,
     asset,
 )
 
-from assets.data import image_shards, png_markdown
+from assets.data import image_shards, materialized, png_markdown
 from assets.resources import ProfileResource, StoreResource
 from pipelines import train_tokenizer
 from pipelines.profiles import VARIANTS
@@ -36,9 +35,6 @@ def tokenizer(context: AssetExecutionContext, store: StoreResource, profile: Pro
     m, art = result.manifest, result.artifact
     metrics = m["metrics"]
     metadata = {
-        "uri": MetadataValue.path(art.uri),
-        "cache_key": art.key,
-        "profile": m["profile"],
         "steps": m["counts"]["steps"],
         "val_psnr_db": round(metrics["psnr_db"], 3),
         "val_l1": round(metrics["l1"], 5),
@@ -46,8 +42,6 @@ def tokenizer(context: AssetExecutionContext, store: StoreResource, profile: Pro
         "visual_codes_used": round(metrics["visual_codes"]["fraction_used"], 4),
         "visual_codes_perplexity": round(metrics["visual_codes"]["perplexity"], 1),
         "ranks": metrics["ranks"],
-        "reused_existing": result.cached,
-        "seconds": round(result.seconds, 1),
         "reconstructions": png_markdown(art.read_bytes("reconstructions.png"), "val: originals (top), EMA recon"),
         "loss_curves": png_markdown(art.read_bytes("loss_curves.png"), "loss curves"),
     }
@@ -56,4 +50,4 @@ def tokenizer(context: AssetExecutionContext, store: StoreResource, profile: Pro
         metadata["prologue_codes_used_per_position"] = MetadataValue.json(
             metrics["prologue_codes"]["used_per_position"]
         )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(art.key))
+    return materialized(result, metadata)
