@@ -115,9 +115,9 @@ def _graphql(port: int, query: str) -> dict:
 
 
 def test_webserver_serves_the_asset_graph(tmp_path):
-    from tests.conftest import _free_port
+    from pipelines.launch import free_port
 
-    port = _free_port()
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1",
            "-p", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
