@@ -13,11 +13,13 @@ from dagster._core.definitions.observe import observe  # observing source assets
 from assets.data import image_shards, raw_images
 from assets.definitions import defs
 from assets.tokenizer import tokenizer
+from assets.tokens import token_dataset
 
 # (asset, metadata keys worth a line on the terminal), in dependency order
 STEPS: list[tuple[AssetsDefinition, tuple[str, ...]]] = [
     (image_shards, ("samples", "shards", "corrupt_skipped")),
     (tokenizer, ("val_psnr_db", "visual_codes_used", "prologue_codes_used", "steps", "seconds")),
+    (token_dataset, ("train_rows", "bytes_per_token_parquet", "bytes_per_token_wds", "sanity_psnr_db", "seconds")),
 ]
 
 

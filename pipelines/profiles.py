@@ -83,6 +83,39 @@ class DataConfig:
         return self.train if split == "train" else self.val
 
 
+AUGMENTATIONS = ("none", "flip", "tencrop_flip")
+
+
+@dataclass
+class TokenExportConfig:
+    augment: str = "flip"
+    """Views of each training image, one row each: none, flip (original + mirror) or tencrop_flip
+    (4 corner + centre crops of the image enlarged by crop_scale, each also mirrored). Val: none."""
+    crop_scale: float = 1.125
+    """tencrop_flip: the image is resized to round(resolution * crop_scale) before cropping."""
+    rows_per_group: int = 4096
+    """Rows per Parquet row group and per WebDataset block: the unit a streaming reader fetches."""
+    batch_size: int = 256
+    """Images per encoder forward pass."""
+    processes: int = 1
+    """Encoding processes (one per GPU); each takes every processes-th input shard."""
+    sanity_images: int = 256
+    """Val images decoded before the full encode to compare PSNR with the tokenizer's own figure."""
+    sanity_tolerance_db: float = 0.75
+    """Largest accepted |PSNR difference| of the sanity check, in dB."""
+
+    def validate(self) -> None:
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"augment: {self.augment!r} is not one of {', '.join(AUGMENTATIONS)}")
+        if not 1.0 < self.crop_scale <= 2.0:
+            raise ConfigError(f"crop_scale: must be in (1, 2], got {self.crop_scale}")
+        for name in ("rows_per_group", "batch_size", "processes", "sanity_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.sanity_tolerance_db <= 0:
+            raise ConfigError(f"sanity_tolerance_db: must be > 0, got {self.sanity_tolerance_db}")
+
+
 @dataclass
 class Profile:
     name: str = "custom"
@@ -97,6 +130,8 @@ class Profile:
     """Stage-1 tokenizer of the prologue variant (the baseline is the same with z_len = 0)."""
     tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     """Stage-1 training schedule, losses and checkpointing."""
+    tokens: TokenExportConfig = field(default_factory=TokenExportConfig)
+    """Stage-2 export of the pre-tokenised dataset."""
 
     def validate(self) -> None:
         if self.tokenizer.image_size != self.data.resolution:
@@ -150,6 +185,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "shuffle_buffer": 100,
             "loader_workers": 0,
         },
+        "tokens": {"rows_per_group": 64, "batch_size": 64, "sanity_images": 128},
     },
     "fashion32": {
         "version": 1,

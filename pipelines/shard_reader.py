@@ -68,20 +68,23 @@ def image_dataset(
     shuffle: int = 0,
     seed: int = 0,
     decode: bool = True,
+    shards: list[str] | None = None,
 ) -> wds.DataPipeline:
     """Samples of one `image_shards` artefact.
 
     decode=True yields (uint8 tensor [3, H, W], label); decode=False yields the raw sample dicts
     (`__key__`, `png` bytes, `cls` bytes, `json` bytes). `shuffle` > 0 shuffles the shard order
-    (seeded) and keeps a sample buffer of that size. Every rank must use the same seed.
+    (seeded) and keeps a sample buffer of that size. Every rank must use the same seed. `shards`
+    restricts reading to those shard files (paths as in the manifest's `shards` list).
     """
     manifest = manifest or artifact.manifest()
     if manifest is None:
         raise FileNotFoundError(f"{artifact.uri}: not materialised (no manifest)")
     if rank is None or world_size is None:
         rank, world_size = rank_and_world()
-    urls = [artifact.file_uri(rel) for rel in manifest["shards"]]
-    sizes = {artifact.file_uri(rel): manifest["files"][rel]["size"] for rel in manifest["shards"]}
+    rels = manifest["shards"] if shards is None else shards
+    urls = [artifact.file_uri(rel) for rel in rels]
+    sizes = {artifact.file_uri(rel): manifest["files"][rel]["size"] for rel in rels}
     if shuffle:
         g = torch.Generator().manual_seed(seed)
         urls = [urls[i] for i in torch.randperm(len(urls), generator=g).tolist()]

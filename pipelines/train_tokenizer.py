@@ -98,6 +98,20 @@ def train_tokenizer(
     return TokenizerResult(artifact, manifest, False, time.perf_counter() - start)
 
 
+def load_tokenizer(artifact: Artifact, device: torch.device | str = "cpu"):
+    """The trained tokenizer (EMA weights) of a materialised `tokenizer` artefact, in eval mode."""
+    from safetensors.torch import load
+
+    from modeling.tokenizer import Tokenizer, TokenizerConfig
+
+    manifest = artifact.manifest()
+    if manifest is None:
+        raise FileNotFoundError(f"{artifact.uri}: tokenizer not materialised (no manifest)")
+    tokenizer = Tokenizer(from_dict(TokenizerConfig, manifest["config"]["model"]))
+    tokenizer.load_state_dict(load(artifact.read_bytes("model/tokenizer.safetensors")))
+    return tokenizer.to(device).eval()
+
+
 def _train_config(profile: Profile) -> dict:
     """The training settings that change the result (not how many processes or loader workers)."""
     cfg = to_dict(profile.tokenizer_train)

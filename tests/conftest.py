@@ -53,7 +53,7 @@ def store(request, tmp_path) -> Store:
     return Store(f"s3://prologue-test/{uuid.uuid4().hex[:8]}", {"client_kwargs": {"endpoint_url": endpoint}})
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fashion_mnist():
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
         message = "Debian's dataset-fashion-mnist is not installed (make test installs it)"
