@@ -34,6 +34,7 @@ class VisualQuantized:
 class PrologueQuantized:
     codes: Tensor  # [B, Z] long
     onehot: Tensor  # [B, Z, K] float, exactly one-hot in value, softmax(sim / temperature) in gradient
+    entropy_loss: Tensor  # scalar, mean per-sample entropy - entropy of the batch mean, per position
     perplexity: Tensor  # scalar
     usage: Tensor  # scalar
     projected: Tensor  # [B, Z, code_dim] unit vectors before quantization (for codebook restarts)
@@ -99,4 +100,14 @@ class PrologueQuantizer(CosineCodebook):
         soft = torch.softmax(sim / self.temperature, dim=-1)
         onehot = hard + (soft - soft.detach())  # probabilistic straight-through (see module docstring)
         perplexity, usage = usage_stats(codes, self.codebook_size)
-        return PrologueQuantized(codes, onehot, perplexity, usage, z)
+        return PrologueQuantized(codes, onehot, entropy_loss(soft), perplexity, usage, z)
+
+
+def entropy_loss(soft: Tensor) -> Tensor:
+    """soft [B, Z, K] -> mean entropy of each assignment minus entropy of the batch's average assignment
+    per position: low when every image picks one code confidently and the batch spreads over many."""
+
+    def entropy(p: Tensor) -> Tensor:
+        return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+
+    return entropy(soft).mean() - entropy(soft.mean(0)).mean()

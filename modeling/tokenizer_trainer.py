@@ -11,7 +11,6 @@ The trainer is data-parallel aware (DDP per module) but does no I/O: checkpoints
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 from modeling.codebook_restart import DeadCodeRestarter
 from modeling.discriminator import PatchDiscriminator, PerceptualLoss, d_hinge_loss, g_loss
 from modeling.joint_prior import JointPrior
+from modeling.optim import ema_with_warmup, lr_lambda
 from modeling.tokenizer import Tokenizer, TokenizerConfig
 from pipelines.config import ConfigError
 
@@ -66,6 +66,9 @@ class TokenizerTrainConfig:
     """Weight of the joint prior's CE on prologue and EOS positions (prologue variant)."""
     ce_visual_weight: float = 3.0
     """Weight of the joint prior's CE on visual positions (prologue variant)."""
+    prologue_entropy_weight: float = 0.0
+    """Weight of the prologue codebook entropy loss (confident per image, spread over the batch);
+    0 is the paper's recipe."""
     restart_dead_codes_every: int = 0
     """Re-seed codebook entries unused for this many steps from recent encoder outputs (0: off, as in
     the paper; see modeling/codebook_restart.py)."""
@@ -94,29 +97,6 @@ class TokenizerTrainConfig:
             raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.perceptual_weight > 0 and not self.perceptual_weights:
             raise ConfigError("perceptual_weights: a local VGG16 weights file is needed when perceptual_weight > 0")
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return f
-
-
-def ema_with_warmup(decay: float):
-    """EMA update whose decay ramps up as min(decay, (1 + n) / (10 + n)): early weights fade fast."""
-
-    @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        n = float(num_averaged)
-        weight = 1 - min(decay, (1 + n) / (10 + n))
-        for e, p in zip(ema_params, params, strict=True):
-            e.lerp_(p, weight)
-
-    return update
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -154,10 +134,6 @@ class TokenizerTrainer:
         self.restarters = {}
         if cfg.restart_dead_codes_every:
             self.restarters["visual"] = DeadCodeRestarter(self.tokenizer.visual_quantizer, cfg.restart_dead_codes_every)
-            if self.tokenizer.prologue_quantizer is not None:
-                self.restarters["prologue"] = DeadCodeRestarter(
-                    self.tokenizer.prologue_quantizer, cfg.restart_dead_codes_every
-                )
         self.restart_rng = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         torch.manual_seed(cfg.seed * 1009 + 1 + rank)  # then rank-specific dropout draws
@@ -194,7 +170,10 @@ class TokenizerTrainer:
             stats["gan_g"] = gen.item()
         if self.prior is not None:
             ce = self.prior(enc.prologue.onehot, enc.visual.codes)
-            loss = loss + cfg.ce_prologue_weight * ce["ce_prologue"] + cfg.ce_visual_weight * ce["ce_visual"]
+            loss = loss + self._sequence_ce(ce, cfg.ce_prologue_weight, cfg.ce_visual_weight)
+            if cfg.prologue_entropy_weight:
+                loss = loss + cfg.prologue_entropy_weight * enc.prologue.entropy_loss
+                stats["prologue_entropy_loss"] = enc.prologue.entropy_loss.item()
             stats.update(
                 ce_prologue=ce["ce_prologue"].item(),
                 ce_visual=ce["ce_visual"].item(),
@@ -214,7 +193,7 @@ class TokenizerTrainer:
         aux_loss = None
         if self.prior_dp is not None:
             ce = self.prior_dp(enc.prologue.onehot.detach(), enc.visual.codes.detach())
-            aux_loss = ce["ce_prologue"] + ce["ce_visual"]
+            aux_loss = self._sequence_ce(ce, 1.0, 1.0)
             stats.update(prior_ce_prologue=ce["ce_prologue"].item(), prior_ce_visual=ce["ce_visual"].item())
         if gan_on:
             d = d_hinge_loss(self.disc_dp(x), self.disc_dp(recon.detach()))
@@ -236,6 +215,16 @@ class TokenizerTrainer:
                 stats[f"{name}_codes_restarted"] = float(restarted)
         stats.update(loss=loss.item(), lr=self.sched.get_last_lr()[0])
         return stats
+
+    def _sequence_ce(self, ce: dict[str, torch.Tensor], w_prologue: float, w_visual: float) -> torch.Tensor:
+        """Weighted CE per token of the whole sequence: each segment counts by its number of tokens.
+
+        Averaging each segment on its own would price one nat of prologue information N / (Z + 1)
+        times higher than the nat of visual CE it saves, and the prologue collapses to one code.
+        """
+        n_prologue, n_visual = self.model_cfg.z_len + 1, self.model_cfg.num_patches
+        total = n_prologue + n_visual
+        return (w_prologue * n_prologue * ce["ce_prologue"] + w_visual * n_visual * ce["ce_visual"]) / total
 
     def _clip(self, params) -> float:
         params = [p for p in params if p.grad is not None]

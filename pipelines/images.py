@@ -35,3 +35,25 @@ def grid_png(images: list[Image.Image] | torch.Tensor, columns: int = 8) -> byte
         tile = img.resize((w * scale, h * scale), Image.Resampling.NEAREST)
         grid.paste(tile, ((i % columns) * w * scale, (i // columns) * h * scale))
     return encode_png(grid)
+
+
+def loss_curves_png(history: list[dict], keys: tuple[str, ...]) -> bytes:
+    """One small line plot per logged metric (those of `keys` present in the history)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = tuple(k for k in keys if any(k in h for h in history))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6), squeeze=False)
+    for ax, k in zip(axes[0], keys, strict=True):
+        pts = [(h["step"], h[k]) for h in history if k in h]
+        ax.plot(*zip(*pts, strict=True))
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()

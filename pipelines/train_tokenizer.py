@@ -12,7 +12,6 @@ Standalone: `python -m pipelines.train_tokenizer --profile fashion32 --variant p
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ import torch.distributed as dist
 
 from pipelines.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipelines.config import from_dict, to_dict
-from pipelines.images import grid_png
+from pipelines.images import grid_png, loss_curves_png
 from pipelines.launch import launch
 from pipelines.profiles import SPLITS, VARIANTS, Profile, load_profile
 from pipelines.shard_reader import image_loader
@@ -38,6 +37,7 @@ from pipelines.store import Artifact, Store, cache_key
 ASSET = "tokenizer"
 CODE_VERSION = "1"
 log = logging.getLogger(__name__)
+CURVES = ("l1", "l2", "vq", "ce_prologue", "ce_visual", "prior_ce_prologue", "prior_ce_visual", "gan_g", "gan_d")
 
 
 @dataclass
@@ -250,7 +250,7 @@ def _finish(artifact: Artifact, trainer, val: Artifact, cfg, history: list[dict]
             save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, local)
             files[rel] = artifact.put_file(local, rel).__dict__
     files["reconstructions.png"] = artifact.put_bytes("reconstructions.png", grid_png(grid)).__dict__
-    files["loss_curves.png"] = artifact.put_bytes("loss_curves.png", loss_curves_png(history)).__dict__
+    files["loss_curves.png"] = artifact.put_bytes("loss_curves.png", loss_curves_png(history, CURVES)).__dict__
     files["history.jsonl"] = artifact.put_bytes(
         "history.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode()
     ).__dict__
@@ -264,41 +264,6 @@ def _finish(artifact: Artifact, trainer, val: Artifact, cfg, history: list[dict]
         f"val PSNR {metrics['psnr_db']:.2f} dB on {metrics['images']} images; visual codes used "
         f"{metrics['visual_codes']['fraction_used']:.1%}",
     )
-
-
-def loss_curves_png(history: list[dict]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [
-        k
-        for k in (
-            "l1",
-            "l2",
-            "vq",
-            "ce_prologue",
-            "ce_visual",
-            "prior_ce_prologue",
-            "prior_ce_visual",
-            "gan_g",
-            "gan_d",
-        )
-        if any(k in h for h in history)
-    ]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6), squeeze=False)
-    for ax, k in zip(axes[0], keys, strict=True):
-        pts = [(h["step"], h[k]) for h in history if k in h]
-        ax.plot(*zip(*pts, strict=True))
-        ax.set_title(k, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _say(rank: int, message: str) -> None:
