@@ -10,6 +10,7 @@ import sys
 from dagster import AssetsDefinition, DagsterInstance, materialize
 from dagster._core.definitions.observe import observe  # observing source assets has no public API
 
+from assets.ar import ar_model
 from assets.data import image_shards, raw_images
 from assets.definitions import defs
 from assets.tokenizer import tokenizer
@@ -20,6 +21,7 @@ STEPS: list[tuple[AssetsDefinition, tuple[str, ...]]] = [
     (image_shards, ("samples", "shards", "corrupt_skipped")),
     (tokenizer, ("val_psnr_db", "visual_codes_used", "prologue_codes_used", "steps", "seconds")),
     (token_dataset, ("train_rows", "bytes_per_token_parquet", "bytes_per_token_wds", "sanity_psnr_db", "seconds")),
+    (ar_model, ("final_loss", "val_ce_prologue", "val_ce_visual", "steps", "seconds")),
 ]
 
 

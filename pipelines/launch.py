@@ -1,6 +1,8 @@
 """Launch a training module as a subprocess: one process, or N data-parallel ones via torchrun.
 
-The subprocess's output is streamed line by line to a callback (the Dagster log or stdout); a
+`command()` builds the command line and environment (the torchrun contract: RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so that another runner (Dagster Pipes) can start it too.
+`launch()` runs it, streaming output line by line to a callback (the Dagster log or stdout); a
 non-zero exit raises with the last lines of output, so a failed rank is visible where it ran.
 """
 
@@ -24,19 +26,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(module: str, args: list[str], processes: int = 1, on_line: Callable[[str], None] = print,
-           env: dict[str, str] | None = None) -> None:
-    """Run `python -m module args` on `processes` local ranks (torchrun when more than one)."""
-    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+def command(module: str, args: list[str], processes: int = 1) -> tuple[list[str], dict[str, str]]:
+    """(argv, extra environment) running `python -m module args` on `processes` local ranks."""
+    port = str(free_port())
     if processes > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", module, *args]
-    else:  # no rendezvous needed; the same env contract as torchrun
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        cmd = [sys.executable, "-m", module, *args]
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            module,
+            *args,
+        ]
+        return argv, {"PYTHONUNBUFFERED": "1"}
+    # one rank: no rendezvous needed, the same environment contract as torchrun
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    return [sys.executable, "-m", module, *args], {**env, "PYTHONUNBUFFERED": "1"}
+
+
+def run(argv: list[str], env: dict[str, str], on_line: Callable[[str], None] = print) -> None:
+    """Run a command from `command()` with `env` added to this process's environment."""
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                          bufsize=1) as proc:
+    full_env = {**os.environ, **env}
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, bufsize=1
+    ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
@@ -44,4 +61,16 @@ def launch(module: str, args: list[str], processes: int = 1, on_line: Callable[[
             on_line(line)
         code = proc.wait()
     if code != 0:
-        raise LaunchError(f"{module} exited with {code}; last output:\n" + "\n".join(tail))
+        raise LaunchError(f"{' '.join(argv[:6])} ... exited with {code}; last output:\n" + "\n".join(tail))
+
+
+def launch(
+    module: str,
+    args: list[str],
+    processes: int = 1,
+    on_line: Callable[[str], None] = print,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Run `python -m module args` on `processes` local ranks (torchrun when more than one)."""
+    argv, extra = command(module, args, processes)
+    run(argv, {**(env or {}), **extra}, on_line)

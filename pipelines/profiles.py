@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from modeling.ar_trainer import ARTrainConfig
 from modeling.tokenizer import TokenizerConfig
 from modeling.tokenizer_trainer import TokenizerTrainConfig
 from pipelines.config import ConfigError, from_dict, merge, parse_overrides
@@ -132,6 +133,8 @@ class Profile:
     """Stage-1 training schedule, losses and checkpointing."""
     tokens: TokenExportConfig = field(default_factory=TokenExportConfig)
     """Stage-2 export of the pre-tokenised dataset."""
+    ar_train: ARTrainConfig = field(default_factory=ARTrainConfig)
+    """Stage-3 AR model size, DeepSpeed training schedule and checkpointing."""
 
     def validate(self) -> None:
         if self.tokenizer.image_size != self.data.resolution:
@@ -186,6 +189,18 @@ PROFILES: dict[str, dict[str, Any]] = {
             "loader_workers": 0,
         },
         "tokens": {"rows_per_group": 64, "batch_size": 64, "sanity_images": 128},
+        "ar_train": {
+            "size": "tiny",
+            "steps": 40,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "warmup_steps": 5,
+            "ema_decay": 0.99,
+            "checkpoint_every": 20,
+            "log_every": 5,
+            "loader_workers": 0,
+            "shuffle_rows": 256,
+        },
     },
     "fashion32": {
         "version": 1,
@@ -216,6 +231,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "log_every": 25,
             "eval_images": 2000,
         },
+        "ar_train": {"size": "fashion32", "steps": 2000, "batch_size": 64, "ema_decay": 0.999, "checkpoint_every": 500},
     },
     "imagenet256-b": {
         "version": 1,
@@ -257,6 +273,18 @@ PROFILES: dict[str, dict[str, Any]] = {
             "log_every": 100,
             "eval_images": 50000,
             "loader_workers": 8,
+        },
+        "tokens": {"augment": "tencrop_flip", "batch_size": 512, "processes": 8},
+        "ar_train": {
+            "size": "B",
+            "steps": 500000,
+            "batch_size": 256,
+            "processes": 8,
+            "warmup_steps": 5000,
+            "checkpoint_every": 5000,
+            "log_every": 100,
+            "loader_workers": 4,
+            "zero_stage": 1,
         },
     },
 }
