@@ -20,6 +20,8 @@ ui: setup
 
 bench: setup
 	$(PY) bench/sharding.py --json bench/results/sharding.json
+	$(PY) bench/ar_engine.py --json bench/results/ar_engine.json
+	$(PY) bench/token_reader.py --json bench/results/token_reader.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -203,7 +203,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
     },
     "fashion32": {
-        "version": 1,
+        "version": 2,
         "description": "the default demo: all of Fashion-MNIST padded to 32x32 RGB",
         "data": {"shard_size": 5000},
         "tokenizer": {
@@ -225,13 +225,14 @@ PROFILES: dict[str, dict[str, Any]] = {
             "steps": 1500,
             "batch_size": 32,
             "restart_dead_codes_every": 100,
+            "prologue_entropy_weight": 0.5,
             "warmup_steps": 100,
             "gan_start": 750,
             "checkpoint_every": 250,
             "log_every": 25,
             "eval_images": 2000,
         },
-        "ar_train": {"size": "fashion32", "steps": 2000, "batch_size": 64, "ema_decay": 0.999, "checkpoint_every": 500},
+        "ar_train": {"size": "fashion32", "steps": 800, "batch_size": 64, "ema_decay": 0.995, "checkpoint_every": 200},
     },
     "imagenet256-b": {
         "version": 1,
