@@ -309,6 +309,8 @@ def _finish(artifact: Artifact, trainer, history: list[dict], metrics: dict, ds:
     lines = "".join(json.dumps(h) + "\n" for h in history).encode()
     files["history.jsonl"] = artifact.put_bytes("history.jsonl", lines).__dict__
     files["metrics.json"] = artifact.put_bytes("metrics.json", json.dumps(metrics, indent=1).encode()).__dict__
+    ds_json = json.dumps(ds["config"], indent=1).encode()  # what DeepSpeed ran with, reusable as-is
+    files["deepspeed_config.json"] = artifact.put_bytes("deepspeed_config.json", ds_json).__dict__
     checkpoints = sorted(p["folder"] for n, p in artifact.parts().items() if n.startswith(PREFIX))
     artifact.record_part(
         "final",

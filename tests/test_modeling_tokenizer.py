@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 
 import pytest
 import torch
@@ -183,6 +184,32 @@ def test_prologue_ste_value_is_hard_and_gradient_is_softmax():
     tok = Tokenizer(tiny())
     (tok.encode(images()).prologue.onehot * torch.randn(B, Z, P)).sum().backward()
     assert nonzero(tok.encoder.patchify.weight) and nonzero(tok.encoder.queries)
+
+
+def test_prologue_entropy_loss_prefers_confident_and_spread_assignments():
+    from modeling.quantizers import entropy_loss
+
+    K = 8
+    spread = F.one_hot(torch.arange(K).repeat(2), K).float()[:, None]  # [16, 1, K]: every code, confidently
+    collapsed = F.one_hot(torch.zeros(16, dtype=torch.long), K).float()[:, None]  # one code for all
+    unsure = torch.full((16, 1, K), 1 / K)  # uniform per image
+    assert entropy_loss(spread) == pytest.approx(-math.log(K))  # its minimum
+    assert entropy_loss(collapsed) == pytest.approx(0.0, abs=1e-6)
+    assert entropy_loss(unsure) == pytest.approx(0.0, abs=1e-6)
+    # its gradient reaches the prologue projection and codebook through the softmax
+    q = PrologueQuantizer(in_dim=32, code_dim=8, codebook_size=P, temperature=0.1)
+    q(torch.randn(B, Z, 32)).entropy_loss.backward()
+    assert nonzero(q.proj.weight) and nonzero(q.codebook.weight)
+
+
+def test_sequence_ce_weights_segments_by_token_count():
+    from modeling.tokenizer_trainer import TokenizerTrainConfig, TokenizerTrainer
+
+    trainer = TokenizerTrainer(tiny(), TokenizerTrainConfig(), torch.device("cpu"))
+    ce = {"ce_prologue": torch.tensor(2.0), "ce_visual": torch.tensor(1.0)}
+    # Z + 1 = 5 prologue/EOS targets and N = 16 visual targets: the mean CE per token of the sequence
+    assert trainer._sequence_ce(ce, 1.0, 1.0).item() == pytest.approx((5 * 2.0 + 16 * 1.0) / 21)
+    assert trainer._sequence_ce(ce, 3.0, 3.0).item() == pytest.approx(3 * (5 * 2.0 + 16 * 1.0) / 21)
 
 
 def test_visual_quantizer_picks_nearest_entry_by_cosine():

@@ -251,3 +251,17 @@ def test_cli_exports_one_variant(tmp_path, fashion_mnist):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "baseline: 1024 train / 128 val rows" in out.stdout
+
+
+def test_two_encoding_processes_write_the_same_files(exported, tmp_path):
+    store, profile, results = exported
+    r = results["prologue"]
+    other = Store(str(tmp_path / "two"))
+    import shutil
+
+    for asset in ("image_shards", "tokenizer"):  # reuse the upstream artefacts: only the export reruns
+        shutil.copytree(f"{store.root}/{asset}", f"{other.root}/{asset}")
+    two = export_tokens(load_profile("tiny", ["tokens.processes=2"]), "prologue", other, progress=False)
+    assert not two.cached and two.artifact.key == r.artifact.key  # parallelism is not part of the key
+    data = {rel: rec for rel, rec in r.manifest["files"].items() if rel.startswith(("parquet/", "wds/"))}
+    assert len(data) == 10 and all(two.manifest["files"][rel] == rec for rel, rec in data.items())  # same bytes
