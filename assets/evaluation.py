@@ -1,0 +1,158 @@
+"""Evaluation assets (group `evaluation`): samples, reconstruction and generation metrics, linear
+probe, results table. Metrics are named by their evaluator (`fd_effnetlite0` is not FID)."""
+
+from dagster import (
+    AllPartitionMapping,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetDep,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from assets.ar import ar_model
+from assets.data import materialized, png_markdown
+from assets.resources import ProfileResource, StoreResource
+from assets.tokenizer import tokenizer, variant_partitions
+from assets.tokens import token_dataset
+from pipelines import evaluate, results, sampling
+
+GROUP = "evaluation"
+
+
+@asset(
+    partitions_def=variant_partitions,
+    deps=[ar_model],
+    code_version=sampling.CODE_VERSION,
+    group_name=GROUP,
+    kinds={"pytorch", "webdataset"},
+    check_specs=[
+        AssetCheckSpec(
+            "sampling_protocol",
+            asset="samples",
+            blocking=True,
+            description="sample count, per-class balance, unique seeds, image size and format",
+        )
+    ],
+    description="N samples per class from the AR model, with and without classifier-free guidance, as lossless "
+    "PNG WebDataset shards with a recorded seed per sample; resumable.",
+)
+def samples(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+    prof = profile.profile()
+    result = sampling.generate_samples(
+        prof, context.partition_key, store.store(), on_log=context.log.info, progress=False
+    )
+    m, art = result.manifest, result.artifact
+    metadata = {
+        "samples_cfg": m["counts"]["samples"]["cfg"],
+        "samples_nocfg": m["counts"]["samples"]["nocfg"],
+        "per_class": prof.evaluation.samples_per_class,
+        "sampler": MetadataValue.json(m["config"]["sampler"]),
+        "seed_rule": m["seed_rule"],
+        "grid_cfg": png_markdown(art.read_bytes("grid_cfg.png"), "with guidance: 8 samples per class (rows)"),
+        "grid_nocfg": png_markdown(art.read_bytes("grid_nocfg.png"), "without guidance: 8 samples per class"),
+    }
+    if "resample_visual.png" in m["files"]:
+        metadata["resample_visual"] = png_markdown(
+            art.read_bytes("resample_visual.png"),
+            "first column: a sample; the rest keep its prologue, new visual tokens",
+        )
+    problems = sampling.protocol_problems(art, m, prof)
+    yield materialized(result, metadata)
+    yield AssetCheckResult(
+        check_name="sampling_protocol",
+        passed=not problems,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"problems": MetadataValue.json(problems)},
+    )
+
+
+def _metrics_metadata(result, flat: dict) -> MaterializeResult:
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in flat.items()}
+    return materialized(result, {**shown, "metrics": MetadataValue.json(result.manifest["metrics"])})
+
+
+@asset(
+    partitions_def=variant_partitions,
+    deps=[tokenizer],
+    code_version=evaluate.CODE_VERSION,
+    group_name=GROUP,
+    description="rFD (EfficientNet-Lite0 features of val reconstructions vs the val reference set) and PSNR.",
+)
+def reconstruction_metrics(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+    r = evaluate.reconstruction_metrics(profile.profile(), context.partition_key, store.store(), context.log.info)
+    m = r.manifest["metrics"]
+    keys = [k for k in m if k.startswith("rfd_")] + ["psnr_db", "images", "reference_sha256"]
+    return _metrics_metadata(r, {k: m[k] for k in keys})
+
+
+@asset(
+    partitions_def=variant_partitions,
+    deps=[samples],
+    code_version=evaluate.CODE_VERSION,
+    group_name=GROUP,
+    check_specs=[
+        AssetCheckSpec(
+            "reference_checksum",
+            asset="generation_metrics",
+            blocking=True,
+            description="the reference statistics are the stored ones (sha256)",
+        )
+    ],
+    description="gFD, KID, precision/recall and IS-style score (EfficientNet-Lite0) of the samples with and "
+    "without guidance against the val reference set.",
+)
+def generation_metrics(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+    st = store.store()
+    r = evaluate.generation_metrics(profile.profile(), context.partition_key, st, context.log.info)
+    m = r.manifest["metrics"]
+    flat = {f"{k}_{g}": v for g in sampling.GUIDANCE for k, v in m[g].items()}
+    yield _metrics_metadata(r, flat | {"reference_sha256": m["reference_sha256"]})
+    ref = st.artifact("reference_stats", r.manifest["lineage"]["reference_stats"])
+    try:
+        evaluate.load_reference(ref)  # re-hashes stats.npz against its manifest
+        problem = "" if ref.manifest()["stats_sha256"] == m["reference_sha256"] else "metrics used other stats"
+    except ValueError as e:
+        problem = str(e)
+    yield AssetCheckResult(
+        check_name="reference_checksum",
+        passed=not problem,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"reference_sha256": m["reference_sha256"], "problem": problem},
+    )
+
+
+@asset(
+    partitions_def=variant_partitions,
+    deps=[token_dataset],
+    code_version=evaluate.CODE_VERSION,
+    group_name=GROUP,
+    description="Top-1 of a logistic regression (fixed L-BFGS budget) on embedded tokens: prologue tokens, the "
+    "first z_len visual tokens, all visual tokens.",
+)
+def linear_probe(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+    r = evaluate.linear_probe(profile.profile(), context.partition_key, store.store(), context.log.info)
+    m = r.manifest["metrics"]
+    return _metrics_metadata(r, {f"top1_{k}": v["top1"] for k, v in m.items() if isinstance(v, dict)})
+
+
+@asset(
+    deps=[
+        AssetDep(a, partition_mapping=AllPartitionMapping())
+        for a in (reconstruction_metrics, generation_metrics, linear_probe, ar_model)
+    ],
+    code_version=results.CODE_VERSION,
+    group_name=GROUP,
+    kinds={"parquet"},
+    description="One row per variant: rFD, gFD with/without CFG, IS, P/R, probe accuracy, sizes and steps; "
+    "Parquet + Markdown, read from the stored artefacts.",
+)
+def results_table(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+    r = results.results_table(profile.profile(), store.store(), on_log=context.log.info)
+    md = r.artifact.read_bytes("results.md").decode()
+    return materialized(
+        r, {"table": MetadataValue.md(md), "parquet": MetadataValue.path(r.artifact.file_uri("results.parquet"))}
+    )

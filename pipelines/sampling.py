@@ -1,0 +1,316 @@
+"""Mass sampling: N images per class from a trained AR model, with and without guidance, as PNG shards.
+
+`generate_samples()` (what the `samples` asset calls) finds the AR model and its tokenizer, then
+launches the `worker` subcommand on `evaluation.processes` ranks; each rank takes every N-th shard
+task. A task is (guidance, class, chunk): `evaluation.sample_shard_size` consecutive sample indices
+of one class, sampled with the KV-cache sampler (`modeling.sampler`), decoded by the tokenizer and
+written as a WebDataset tar `samples/<guidance>-c<class>-<chunk>.tar` of lossless PNGs:
+
+    <guidance>_<class>_<index>.png   the image (uint8 RGB, the tokenizer's resolution)
+    <guidance>_<class>_<index>.cls   the class index
+    <guidance>_<class>_<index>.json  class, index, seed, guidance, prologue codes
+
+Sample i of class c has seed `sample_seed(sampler.seed, c, i)`, recorded in its json, so any sample
+can be regenerated alone. Finished tasks are recorded as parts: a killed run continues where it
+stopped, without duplicates. Guidance `cfg` uses the profile's sampler schedule, `nocfg` the same
+sampler with guidance off. The parent then draws the per-class grids (and, for the prologue
+variant, a "fixed prologue, resampled visual tokens" grid) and commits the manifest.
+
+Standalone: `python -m pipelines.sampling --profile fashion32 --variant prologue`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import webdataset as wds
+
+from pipelines.config import from_dict, to_dict
+from pipelines.images import encode_png, grid_png, to_pil
+from pipelines.launch import launch
+from pipelines.profiles import VARIANTS, Profile, load_profile
+from pipelines.store import Artifact, Store, cache_key
+from pipelines.train_ar import load_ar, train_ar
+from pipelines.train_tokenizer import load_tokenizer
+
+ASSET = "samples"
+CODE_VERSION = "1"
+GUIDANCE = ("cfg", "nocfg")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplesResult:
+    artifact: Artifact
+    manifest: dict[str, Any]
+    cached: bool
+    seconds: float
+
+
+def guided(sampler, guidance: str):
+    """The sampler config of one guidance setting: the profile's (cfg) or guidance off (nocfg)."""
+    return sampler if guidance == "cfg" else replace(sampler, cfg_schedule="none")
+
+
+def tasks(num_classes: int, per_class: int, shard_size: int) -> list[tuple[str, str, int, int, int]]:
+    """(shard name, guidance, class, first index, end index) of every shard."""
+    out = []
+    for g in GUIDANCE:
+        for c in range(num_classes):
+            for k, start in enumerate(range(0, per_class, shard_size)):
+                out.append((f"{g}-c{c:04d}-{k:03d}", g, c, start, min(per_class, start + shard_size)))
+    return out
+
+
+def generate_samples(
+    profile: Profile, variant: str, store: Store, *, on_log: Callable[[str], None] = log.info, progress: bool = True
+) -> SamplesResult:
+    """Sample (or find) the sample set of one variant; returns once its manifest is committed."""
+    start = time.perf_counter()
+    ar = train_ar(profile, variant, store, on_log=on_log, progress=progress)
+    tokens = store.artifact("token_dataset", ar.manifest["lineage"]["token_dataset"])
+    tok_key = tokens.manifest()["lineage"]["tokenizer"]
+    ev = profile.evaluation
+    config = {
+        "variant": variant,
+        "sampler": to_dict(profile.sampler),
+        "samples_per_class": ev.samples_per_class,
+        "shard_size": ev.sample_shard_size,
+    }
+    inputs = {"ar_model": ar.artifact.key, "tokenizer": tok_key}
+    artifact = store.artifact(ASSET, cache_key(ASSET, CODE_VERSION, config, inputs))
+    manifest = artifact.manifest()
+    if manifest is not None:
+        on_log(f"{ASSET}[{variant}] already materialised at {artifact.uri}")
+        return SamplesResult(artifact, manifest, True, time.perf_counter() - start)
+
+    classes = tokens.manifest()["classes"]
+    spec = {**config, "inputs": inputs, "num_classes": len(classes), "batch_size": profile.sampler.batch_size}
+    spec_record = artifact.put_bytes("spec.json", json.dumps(spec, indent=1).encode())
+    args = [
+        "worker",
+        "--store",
+        store.url,
+        "--key",
+        artifact.key,
+        "--storage-options",
+        json.dumps(store.storage_options),
+    ] + ([] if progress else ["--no-progress"])
+    launch("pipelines.sampling", args, ev.processes, on_line=on_log)
+
+    parts = artifact.parts()
+    todo = tasks(len(classes), ev.samples_per_class, ev.sample_shard_size)
+    missing = [t[0] for t in todo if t[0] not in parts]
+    if missing:
+        raise RuntimeError(f"{artifact.uri}: the sampling subprocess exited without {', '.join(missing[:5])} ...")
+    files = {"spec.json": spec_record.__dict__}
+    layout: dict[str, list[str]] = {g: [] for g in GUIDANCE}
+    counts: dict[str, dict[str, int]] = {g: {c: 0 for c in classes} for g in GUIDANCE}
+    seeds: dict[str, set[int]] = {g: set() for g in GUIDANCE}  # cfg and nocfg share seeds: paired sets
+    for name, g, c, _, _ in todo:
+        part = parts[name]
+        files.update(part["files"])
+        layout[g] += list(part["files"])
+        counts[g][classes[c]] += part["samples"]
+        seeds[g].update(part["seeds"])
+    for rel, png in _grids(store, artifact, layout, ar.artifact, tok_key, classes, profile).items():
+        files[rel] = artifact.put_bytes(rel, png).__dict__
+    manifest = artifact.commit(
+        files,
+        profile=f"{profile.name}@{profile.version}",
+        config=config,
+        lineage=inputs,
+        code_version=CODE_VERSION,
+        layout=layout,
+        classes=classes,
+        counts={
+            "per_class": counts,
+            "samples": {g: sum(c.values()) for g, c in counts.items()},
+            "unique_seeds": {g: len(v) for g, v in seeds.items()},
+        },
+        image={
+            "size": store.artifact("tokenizer", tok_key).manifest()["config"]["model"]["image_size"],
+            "format": "png",
+        },
+        seed_rule="blake2b-8(f'{sampler.seed}/{class}/{index}') >> 1 (modeling.sampler.sample_seed)",
+    )
+    return SamplesResult(artifact, manifest, False, time.perf_counter() - start)
+
+
+def _grids(store, artifact, layout, ar_art, tok_key, classes, profile) -> dict[str, bytes]:
+    """Per-class sample grids (8 per class and guidance) and, with prologue tokens, rows that keep a
+    sample's prologue and redraw its visual tokens."""
+    from pipelines.shard_reader import image_dataset
+
+    out = {}
+    for g in GUIDANCE:
+        first = {}  # class -> up to 8 images, read back from the shards just written
+        shards = [rel for rel in layout[g] if rel.endswith("-000.tar")]
+        fake = {"shards": shards, "files": {rel: {"size": artifact.fs.size(artifact.file_path(rel))} for rel in shards}}
+        for img, label in image_dataset(artifact, fake, rank=0, world_size=1):
+            if len(first.setdefault(int(label), [])) < 8:
+                first[int(label)].append(img)
+        out[f"grid_{g}.png"] = grid_png(torch.stack([im for c in sorted(first) for im in first[c]]), columns=8)
+    model = load_ar(ar_art)
+    if model.Z:
+        from modeling.sampler import resample_visual, sample, sample_seeds
+
+        tokenizer = load_tokenizer(store.artifact("tokenizer", tok_key))
+        cfg = profile.sampler
+        rows = []
+        for c in range(min(len(classes), 6)):
+            cls = torch.full((1,), c)
+            original = sample(model, cls, sample_seeds(cfg.seed, cls, torch.zeros(1, dtype=torch.long)), cfg)
+            k = torch.arange(1, 8)
+            again = resample_visual(
+                model,
+                cls.repeat(7),
+                original["prologue"].repeat(7, 1),
+                sample_seeds(cfg.seed + 1, cls.repeat(7), k),
+                cfg,
+            )
+            rows.append(torch.cat([original["visual"], again["visual"]]))
+        with torch.no_grad():
+            images = _to_uint8(tokenizer.decode_codes(torch.cat(rows)))
+        out["resample_visual.png"] = grid_png(images, columns=8)
+    return out
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+# -- worker (one per rank) -------------------------------------------------------------------------
+def worker(store: Store, key: str, progress: bool) -> None:
+    from tqdm import tqdm
+
+    from modeling.sampler import SamplerConfig, sample, sample_seeds
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
+    if not cuda and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    artifact = store.artifact(ASSET, key)
+    spec = json.loads(artifact.read_bytes("spec.json"))
+    cfg = from_dict(SamplerConfig, spec["sampler"])
+    model = load_ar(store.artifact("ar_model", spec["inputs"]["ar_model"]), device)
+    tokenizer = load_tokenizer(store.artifact("tokenizer", spec["inputs"]["tokenizer"]), device)
+    done = artifact.parts()
+    mine = [
+        t
+        for t in tasks(spec["num_classes"], spec["samples_per_class"], spec["shard_size"])[rank::world]
+        if t[0] not in done
+    ]
+    bar = tqdm(
+        total=sum(t[4] - t[3] for t in mine), unit="img", disable=not (progress and rank == 0 and sys.stderr.isatty())
+    )
+    for name, g, c, first, end in mine:
+        t0 = time.perf_counter()
+        rel, seeds = f"samples/{name}.tar", []
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "shard.tar")
+            with wds.TarWriter(local, mtime=0.0) as sink:  # fixed mtime: same samples -> same bytes
+                for i in range(first, end, cfg.batch_size):
+                    idx = torch.arange(i, min(end, i + cfg.batch_size))
+                    cls = torch.full_like(idx, c)
+                    batch_seeds = sample_seeds(cfg.seed, cls, idx)
+                    codes = sample(model, cls.to(device), batch_seeds, guided(cfg, g))
+                    with torch.no_grad():
+                        images = to_pil(_to_uint8(tokenizer.decode_codes(codes["visual"])))
+                    for j, img in enumerate(images):
+                        meta = {
+                            "class": c,
+                            "index": int(idx[j]),
+                            "seed": int(batch_seeds[j]),
+                            "guidance": g,
+                            "prologue": codes["prologue"][j].tolist(),
+                        }
+                        sink.write(
+                            {
+                                "__key__": f"{g}_{c:04d}_{int(idx[j]):06d}",
+                                "png": encode_png(img),
+                                "cls": c,
+                                "json": meta,
+                            }
+                        )
+                        seeds.append(meta["seed"])
+                    bar.update(len(idx))
+            record = artifact.put_file(local, rel)
+        artifact.record_part(name, {"files": {rel: record.__dict__}, "samples": len(seeds), "seeds": seeds})
+        if rank == 0:
+            print(f"{name}: {len(seeds)} samples ({len(seeds) / (time.perf_counter() - t0):.1f} img/s)", flush=True)
+    bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    w = sub.add_parser("worker", help="(internal) one sampling rank, started by generate_samples")
+    w.add_argument("--store", required=True)
+    w.add_argument("--key", required=True)
+    w.add_argument("--storage-options", default="{}")
+    w.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
+    parser.add_argument("--variant", choices=VARIANTS, action="append", help="variant(s) to sample (default: all)")
+    parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        worker(Store(args.store, json.loads(args.storage_options)), args.key, not args.no_progress)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    profile = load_profile(args.profile, args.overrides)
+    store = Store(args.store)
+    for variant in args.variant or VARIANTS:
+        r = generate_samples(profile, variant, store, on_log=print, progress=not args.no_progress)
+        print(
+            f"{variant}: {r.manifest['counts']['samples']} samples "
+            f"{'(cached)' if r.cached else f'in {r.seconds:.0f}s'} -> {r.artifact.uri}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def protocol_problems(artifact: Artifact, manifest: dict[str, Any], profile: Profile) -> list[str]:
+    """What differs from the profile's sampling protocol (empty: the sample set is as specified):
+    sample count and per-class balance per guidance, unique seeds, image size and format."""
+    import io
+
+    from PIL import Image
+
+    problems = []
+    per_class = profile.evaluation.samples_per_class
+    for g in GUIDANCE:
+        for name, n in manifest["counts"]["per_class"][g].items():
+            if n != per_class:
+                problems.append(f"{g}: class {name!r} has {n} samples, the protocol says {per_class}")
+        unique, total = manifest["counts"]["unique_seeds"][g], manifest["counts"]["samples"][g]
+        if unique != total:
+            problems.append(f"{g}: {unique} unique seeds for {total} samples")
+    img = Image.open(io.BytesIO(_first_png(artifact, manifest["layout"]["cfg"][0])))
+    side = profile.data.resolution
+    if img.format != "PNG" or img.size != (side, side):
+        problems.append(f"samples are {img.format} {img.size[0]}x{img.size[1]}, the protocol says PNG {side}x{side}")
+    return problems
+
+
+def _first_png(artifact: Artifact, rel: str) -> bytes:
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    with artifact.store.open_url(artifact.file_uri(rel)) as stream:
+        return next(group_by_keys(tar_file_expander([{"url": rel, "stream": stream}])))["png"]

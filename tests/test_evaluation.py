@@ -1,0 +1,189 @@
+"""Sampling and evaluation on the tiny profile: the Dagster `evaluation` group, reuse, protocol guards."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from dagster import AssetSelection, DagsterInstance, PipesSubprocessClient, materialize
+from PIL import Image
+
+from pipelines.profiles import load_profile
+from pipelines.sampling import generate_samples, guided, protocol_problems
+from pipelines.store import Store
+
+
+def _resources(root: Path, overrides: list[str] | None = None) -> dict:
+    from assets.resources import ProfileResource, StoreResource
+
+    return {
+        "store": StoreResource(url=str(root)),
+        "profile": ProfileResource(name="tiny", overrides=overrides or []),
+        "pipes_subprocess_client": PipesSubprocessClient(),
+    }
+
+
+def _mtimes(root: Path, assets: tuple[str, ...]) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for a in assets for p in (root / a).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, fashion_mnist):
+    """The whole graph materialised through Dagster on the tiny profile (both variants)."""
+    from assets.definitions import defs
+
+    root = tmp_path_factory.mktemp("eval") / "store"
+    instance = DagsterInstance.ephemeral()
+    graph = defs.resolve_asset_graph()
+    order = [
+        "image_shards",
+        "tokenizer",
+        "token_dataset",
+        "ar_model",
+        "samples",
+        "reconstruction_metrics",
+        "generation_metrics",
+        "linear_probe",
+        "results_table",
+    ]
+    assets = {a.key.to_user_string(): a for a in defs.assets if hasattr(a, "key")}
+    for name in order:
+        partitions = graph.get(assets[name].key).partitions_def
+        for p in partitions.get_partition_keys() if partitions else [None]:
+            result = materialize([assets[name]], partition_key=p, resources=_resources(root), instance=instance)
+            assert result.success, f"{name}[{p}] failed"
+    return root, instance
+
+
+def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
+    root = full_run[0]
+    [art] = (root / "results_table").iterdir()
+    table = pq.read_table(art / "results.parquet").to_pylist()
+    assert [r["variant"] for r in table] == ["baseline", "prologue"]
+    for r in table:
+        assert r["rfd_effnetlite0"] > 0 and r["gfd_effnetlite0_cfg"] > 0 and r["gfd_effnetlite0_nocfg"] > 0
+        assert 0 <= r["probe_top1"] <= 1 and r["samples_per_guidance"] == 120 and r["reference_images"] == 128
+        assert not any("fid" in k for k in r)  # no EfficientNet number under an Inception name
+    md = (art / "results.md").read_text()
+    assert "not FID" in md and "| prologue |" in md
+
+
+def test_evaluation_group_reruns_no_upstream_step_and_reuses_samples(full_run):
+    root, instance = full_run
+    from assets.definitions import defs
+
+    upstream = ("image_shards", "tokenizer", "token_dataset", "ar_model")
+    before = _mtimes(root, upstream)
+    group = AssetSelection.groups("evaluation").resolve(defs.resolve_asset_graph())
+    evaluation = [a for a in defs.assets if hasattr(a, "key") and a.key in group]
+    result = materialize(
+        evaluation,
+        partition_key="prologue",
+        resources=_resources(root),
+        instance=instance,
+        selection=AssetSelection.groups("evaluation"),
+    )
+    assert result.success
+    md = {
+        e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
+        for e in result.get_asset_materialization_events()
+    }
+    assert md["samples"]["reused_existing"] is True
+    assert all(m["reused_existing"] for m in md.values())
+    assert _mtimes(root, upstream) == before  # nothing upstream was rewritten, nothing trained
+
+    # a new sampler setting: new samples and metrics, still no training
+    changed = materialize(
+        evaluation,
+        partition_key="prologue",
+        instance=instance,
+        resources=_resources(root, ["sampler.temperature_visual=0.7"]),
+        selection=AssetSelection.groups("evaluation"),
+    )
+    assert changed.success
+    md = {
+        e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
+        for e in changed.get_asset_materialization_events()
+    }
+    assert md["samples"]["reused_existing"] is False and md["generation_metrics"]["reused_existing"] is False
+    assert md["reconstruction_metrics"]["reused_existing"] is True and md["linear_probe"]["reused_existing"] is True
+    assert _mtimes(root, upstream) == before
+    checks = [e for e in changed.get_asset_check_evaluations()]
+    assert {c.check_name for c in checks} == {"sampling_protocol", "reference_checksum"} and all(
+        c.passed for c in checks
+    )
+
+
+def test_any_sample_regenerates_alone(full_run):
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from modeling.sampler import sample
+    from pipelines.train_ar import load_ar
+    from pipelines.train_tokenizer import load_tokenizer
+
+    root = full_run[0]
+    store, profile = Store(str(root)), load_profile("tiny")
+    r = generate_samples(profile, "prologue", store, progress=False)
+    assert r.cached
+    rel = r.manifest["layout"]["nocfg"][3]
+    with open(r.artifact.file_path(rel), "rb") as f:
+        stored = list(group_by_keys(tar_file_expander([{"url": rel, "stream": f}])))
+    import json
+
+    meta = json.loads(stored[2]["json"])
+    model = load_ar(store.artifact("ar_model", r.manifest["lineage"]["ar_model"]))
+    tokenizer = load_tokenizer(store.artifact("tokenizer", r.manifest["lineage"]["tokenizer"]))
+    codes = sample(model, torch.tensor([meta["class"]]), torch.tensor([meta["seed"]]), guided(profile.sampler, "nocfg"))
+    assert codes["prologue"][0].tolist() == meta["prologue"]
+    with torch.no_grad():
+        image = ((tokenizer.decode_codes(codes["visual"]).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert np.array_equal(image[0].permute(1, 2, 0).numpy(), np.asarray(Image.open(io.BytesIO(stored[2]["png"]))))
+
+
+def test_interrupted_sampling_redoes_only_the_missing_shard(full_run, tmp_path):
+    import shutil
+
+    root = full_run[0]
+    shutil.copytree(root, tmp_path / "copy")
+    store = Store(str(tmp_path / "copy"))
+    profile = load_profile("tiny")
+    r = generate_samples(profile, "baseline", store, progress=False)
+    art = r.artifact
+    mtimes = {rel: os.path.getmtime(art.file_path(rel)) for rel in r.manifest["files"] if rel.endswith(".tar")}
+    os.remove(art.file_path("_manifest.json"))  # as if killed after all but one shard
+    os.remove(art.file_path("_parts/cfg-c0003-001.json"))
+    again = generate_samples(profile, "baseline", store, progress=False)
+    assert not again.cached
+    changed = {rel for rel, t in mtimes.items() if os.path.getmtime(art.file_path(rel)) != t}
+    assert changed == {"samples/cfg-c0003-001.tar"}
+    data = {k: v for k, v in r.manifest["files"].items() if k.endswith(".tar")}
+    assert all(again.manifest["files"][k] == v for k, v in data.items())  # deterministic: same bytes
+    assert again.manifest["counts"]["unique_seeds"] == {"cfg": 120, "nocfg": 120}
+
+
+def test_protocol_guards_name_what_differs(full_run):
+    root = full_run[0]
+    store, profile = Store(str(root)), load_profile("tiny")
+    r = generate_samples(profile, "prologue", store, progress=False)
+    assert protocol_problems(r.artifact, r.manifest, profile) == []
+    bad = {
+        **r.manifest,
+        "counts": {
+            **r.manifest["counts"],
+            "unique_seeds": {"cfg": 119, "nocfg": 120},
+            "per_class": {
+                **r.manifest["counts"]["per_class"],
+                "cfg": {**r.manifest["counts"]["per_class"]["cfg"], "Bag": 11},
+            },
+        },
+    }
+    problems = protocol_problems(r.artifact, bad, profile)
+    assert any("'Bag' has 11 samples" in p for p in problems) and any("119 unique seeds" in p for p in problems)
+    bigger = replace(profile, data=replace(profile.data, resolution=48))
+    assert any("PNG 48x48" in p for p in protocol_problems(r.artifact, r.manifest, bigger))
