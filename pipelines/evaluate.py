@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,20 +30,12 @@ import torch
 from pipelines.profiles import VARIANTS, Profile, load_profile
 from pipelines.sampling import GUIDANCE, generate_samples
 from pipelines.shard_reader import image_dataset, image_loader
-from pipelines.store import Artifact, Store, cache_key
+from pipelines.store import Artifact, StepResult, Store, cache_key
 from pipelines.token_export import export_tokens
 from pipelines.train_tokenizer import load_tokenizer, train_tokenizer
 
 CODE_VERSION = "1"
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepResult:
-    artifact: Artifact
-    manifest: dict[str, Any]
-    cached: bool
-    seconds: float
 
 
 def _cached(store: Store, asset: str, config: dict, inputs: dict, on_log) -> tuple[Artifact, dict | None]:

@@ -74,3 +74,17 @@ def launch(
     """Run `python -m module args` on `processes` local ranks (torchrun when more than one)."""
     argv, extra = command(module, args, processes)
     run(argv, {**(env or {}), **extra}, on_line)
+
+
+def ranks_in_sync(model, world: int) -> bool:
+    """Whether every rank holds bit-identical weights (what data parallelism promises); collective."""
+    import torch
+    import torch.distributed as dist
+
+    if world == 1:
+        return True
+    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()]).cpu()
+    digest = (flat.sum().item(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum().item())
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, digest)
+    return all(g == gathered[0] for g in gathered)

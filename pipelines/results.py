@@ -17,9 +17,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.evaluate import StepResult, _cached, generation_metrics, linear_probe, reconstruction_metrics
+from pipelines.evaluate import _cached, generation_metrics, linear_probe, reconstruction_metrics
 from pipelines.profiles import VARIANTS, Profile, load_profile
-from pipelines.store import Store
+from pipelines.store import StepResult, Store
 from pipelines.train_ar import train_ar
 from pipelines.train_tokenizer import train_tokenizer
 

@@ -21,7 +21,6 @@ Standalone: `python -m pipelines.sampling --profile fashion32 --variant prologue
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -29,17 +28,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 import webdataset as wds
 
+from pipelines.cli import variant_step_main, worker_args
 from pipelines.config import from_dict, to_dict
 from pipelines.images import encode_png, grid_png, to_pil
 from pipelines.launch import launch
-from pipelines.profiles import VARIANTS, Profile, load_profile
-from pipelines.store import Artifact, Store, cache_key
+from pipelines.profiles import Profile
+from pipelines.store import Artifact, StepResult, Store, cache_key
 from pipelines.train_ar import load_ar, train_ar
 from pipelines.train_tokenizer import load_tokenizer
 
@@ -47,14 +47,6 @@ ASSET = "samples"
 CODE_VERSION = "1"
 GUIDANCE = ("cfg", "nocfg")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SamplesResult:
-    artifact: Artifact
-    manifest: dict[str, Any]
-    cached: bool
-    seconds: float
 
 
 def guided(sampler, guidance: str):
@@ -74,7 +66,7 @@ def tasks(num_classes: int, per_class: int, shard_size: int) -> list[tuple[str, 
 
 def generate_samples(
     profile: Profile, variant: str, store: Store, *, on_log: Callable[[str], None] = log.info, progress: bool = True
-) -> SamplesResult:
+) -> StepResult:
     """Sample (or find) the sample set of one variant; returns once its manifest is committed."""
     start = time.perf_counter()
     ar = train_ar(profile, variant, store, on_log=on_log, progress=progress)
@@ -92,20 +84,12 @@ def generate_samples(
     manifest = artifact.manifest()
     if manifest is not None:
         on_log(f"{ASSET}[{variant}] already materialised at {artifact.uri}")
-        return SamplesResult(artifact, manifest, True, time.perf_counter() - start)
+        return StepResult(artifact, manifest, True, time.perf_counter() - start)
 
     classes = tokens.manifest()["classes"]
     spec = {**config, "inputs": inputs, "num_classes": len(classes), "batch_size": profile.sampler.batch_size}
     spec_record = artifact.put_bytes("spec.json", json.dumps(spec, indent=1).encode())
-    args = [
-        "worker",
-        "--store",
-        store.url,
-        "--key",
-        artifact.key,
-        "--storage-options",
-        json.dumps(store.storage_options),
-    ] + ([] if progress else ["--no-progress"])
+    args = worker_args(store, artifact.key, progress)
     launch("pipelines.sampling", args, ev.processes, on_line=on_log)
 
     parts = artifact.parts()
@@ -144,7 +128,7 @@ def generate_samples(
         },
         seed_rule="blake2b-8(f'{sampler.seed}/{class}/{index}') >> 1 (modeling.sampler.sample_seed)",
     )
-    return SamplesResult(artifact, manifest, False, time.perf_counter() - start)
+    return StepResult(artifact, manifest, False, time.perf_counter() - start)
 
 
 def _grids(store, artifact, layout, ar_art, tok_key, classes, profile) -> dict[str, bytes]:
@@ -254,32 +238,7 @@ def worker(store: Store, key: str, progress: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    w = sub.add_parser("worker", help="(internal) one sampling rank, started by generate_samples")
-    w.add_argument("--store", required=True)
-    w.add_argument("--key", required=True)
-    w.add_argument("--storage-options", default="{}")
-    w.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
-    parser.add_argument("--variant", choices=VARIANTS, action="append", help="variant(s) to sample (default: all)")
-    parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.command == "worker":
-        worker(Store(args.store, json.loads(args.storage_options)), args.key, not args.no_progress)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    profile = load_profile(args.profile, args.overrides)
-    store = Store(args.store)
-    for variant in args.variant or VARIANTS:
-        r = generate_samples(profile, variant, store, on_log=print, progress=not args.no_progress)
-        print(
-            f"{variant}: {r.manifest['counts']['samples']} samples "
-            f"{'(cached)' if r.cached else f'in {r.seconds:.0f}s'} -> {r.artifact.uri}"
-        )
-    return 0
+    return variant_step_main(__doc__, argv, generate_samples, worker, lambda m: f"{m['counts']['samples']} samples")
 
 
 if __name__ == "__main__":

@@ -213,3 +213,13 @@ class Artifact:
         }
         self._write_atomic(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         return manifest
+
+
+@dataclass
+class StepResult:
+    """What a step returns: its artefact and manifest, whether it was already there, and how long it took."""
+
+    artifact: Artifact
+    manifest: dict[str, Any]
+    cached: bool
+    seconds: float

@@ -24,7 +24,6 @@ Standalone: `python -m pipelines.token_export --profile fashion32 --variant prol
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import json
@@ -34,7 +33,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,13 +42,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from pipelines.cli import variant_step_main, worker_args
 from pipelines.config import from_dict, to_dict
 from pipelines.images import grid_png
 from pipelines.launch import launch
-from pipelines.profiles import SPLITS, VARIANTS, Profile, TokenExportConfig, load_profile
+from pipelines.profiles import SPLITS, Profile, TokenExportConfig
 from pipelines.shard_reader import image_dataset, image_loader
 from pipelines.sharding import shard_name
-from pipelines.store import Artifact, Store, cache_key
+from pipelines.store import Artifact, StepResult, Store, cache_key
 from pipelines.train_tokenizer import load_tokenizer, train_tokenizer
 
 ASSET = "token_dataset"
@@ -69,14 +68,6 @@ VIEWS = {
 
 class SanityCheckFailed(RuntimeError):
     """Decoding stored codes does not give back the tokenizer's reconstructions."""
-
-
-@dataclass
-class TokenResult:
-    artifact: Artifact
-    manifest: dict[str, Any]
-    cached: bool
-    seconds: float
 
 
 def parquet_schema(z_len: int, num_visual: int) -> pa.Schema:
@@ -119,7 +110,7 @@ def encode(tokenizer, images: torch.Tensor, device: torch.device) -> tuple[np.nd
 # -- the parent: sanity check, launch, commit -------------------------------------------------------
 def export_tokens(
     profile: Profile, variant: str, store: Store, *, on_log: Callable[[str], None] = log.info, progress: bool = True
-) -> TokenResult:
+) -> StepResult:
     """Export (or find) the pre-tokenised dataset of one variant; returns once its manifest exists."""
     start = time.perf_counter()
     tok = train_tokenizer(profile, variant, store, on_log=on_log, progress=progress)
@@ -130,7 +121,7 @@ def export_tokens(
     manifest = artifact.manifest()
     if manifest is not None:
         on_log(f"{ASSET}[{variant}] already materialised at {artifact.uri}")
-        return TokenResult(artifact, manifest, True, time.perf_counter() - start)
+        return StepResult(artifact, manifest, True, time.perf_counter() - start)
 
     shards = {s: store.artifact("image_shards", tok.manifest["lineage"][f"image_shards/{s}"]) for s in SPLITS}
     sanity, grid = sanity_check(tok.artifact, tok.manifest, shards["val"], cfg)
@@ -148,15 +139,7 @@ def export_tokens(
         "spec.json": artifact.put_bytes("spec.json", json.dumps(spec, indent=1).encode()).__dict__,
         "sanity.png": artifact.put_bytes("sanity.png", grid_png(grid)).__dict__,
     }
-    args = [
-        "worker",
-        "--store",
-        store.url,
-        "--key",
-        artifact.key,
-        "--storage-options",
-        json.dumps(store.storage_options),
-    ] + ([] if progress else ["--no-progress"])
+    args = worker_args(store, artifact.key, progress)
     launch("pipelines.token_export", args, cfg.processes, on_line=on_log)
 
     parts = artifact.parts()
@@ -199,7 +182,7 @@ def export_tokens(
         classes=shards["train"].manifest()["classes"],
         sanity=sanity,
     )
-    return TokenResult(artifact, manifest, False, time.perf_counter() - start)
+    return StepResult(artifact, manifest, False, time.perf_counter() - start)
 
 
 def _export_config(cfg: TokenExportConfig) -> dict:
@@ -413,33 +396,16 @@ def _write_wds(rows: dict, group: int, name: str, tmp: str, artifact: Artifact, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    w = sub.add_parser("worker", help="(internal) one encoding rank, started by export_tokens")
-    w.add_argument("--store", required=True)
-    w.add_argument("--key", required=True)
-    w.add_argument("--storage-options", default="{}")
-    w.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
-    parser.add_argument("--variant", choices=VARIANTS, action="append", help="variant(s) to export (default: all)")
-    parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.command == "worker":
-        worker(Store(args.store, json.loads(args.storage_options)), args.key, not args.no_progress)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    profile = load_profile(args.profile, args.overrides)
-    store = Store(args.store)
-    for variant in args.variant or VARIANTS:
-        r = export_tokens(profile, variant, store, on_log=print, progress=not args.no_progress)
-        c = r.manifest["counts"]
-        print(
-            f"{variant}: {c['rows']['train']} train / {c['rows']['val']} val rows, bytes per token "
-            f"{c['bytes_per_token']} {'(cached)' if r.cached else f'in {r.seconds:.0f}s'} -> {r.artifact.uri}"
-        )
-    return 0
+    return variant_step_main(
+        __doc__,
+        argv,
+        export_tokens,
+        worker,
+        lambda m: (
+            f"{m['counts']['rows']['train']} train / {m['counts']['rows']['val']} val rows, "
+            f"bytes per token {m['counts']['bytes_per_token']}"
+        ),
+    )
 
 
 if __name__ == "__main__":

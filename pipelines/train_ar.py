@@ -15,7 +15,6 @@ Standalone: `python -m pipelines.train_ar --profile fashion32 --variant prologue
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -24,18 +23,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from pipelines.checkpoints import PREFIX, latest_checkpoint
+from pipelines.cli import variant_step_main, worker_args
 from pipelines.config import from_dict, to_dict
 from pipelines.images import loss_curves_png
-from pipelines.launch import command, run
-from pipelines.profiles import VARIANTS, Profile, load_profile
-from pipelines.store import Artifact, Store, cache_key
+from pipelines.launch import command, ranks_in_sync, run
+from pipelines.profiles import Profile
+from pipelines.store import Artifact, StepResult, Store, cache_key
 from pipelines.token_export import export_tokens
 from pipelines.token_reader import token_loader
 
@@ -48,14 +46,6 @@ log = logging.getLogger(__name__)
 Runner = Callable[[list[str], dict[str, str]], None]  # (argv, extra environment) -> runs to completion
 
 
-@dataclass
-class ARResult:
-    artifact: Artifact
-    manifest: dict[str, Any]
-    cached: bool
-    seconds: float
-
-
 def train_ar(
     profile: Profile,
     variant: str,
@@ -64,7 +54,7 @@ def train_ar(
     on_log: Callable[[str], None] = log.info,
     progress: bool = True,
     runner: Runner | None = None,
-) -> ARResult:
+) -> StepResult:
     """Train (or find) the AR model of one variant; returns once its manifest is committed."""
     from modeling.ar_trainer import model_config
 
@@ -81,7 +71,7 @@ def train_ar(
     manifest = artifact.manifest()
     if manifest is not None:
         on_log(f"{ASSET}[{variant}] already materialised at {artifact.uri}")
-        return ARResult(artifact, manifest, True, time.perf_counter() - start)
+        return StepResult(artifact, manifest, True, time.perf_counter() - start)
 
     spec = {
         "variant": variant,
@@ -91,15 +81,7 @@ def train_ar(
         "profile": f"{profile.name}@{profile.version}",
     }
     spec_record = artifact.put_bytes("spec.json", json.dumps(spec, indent=1).encode())
-    args = [
-        "worker",
-        "--store",
-        store.url,
-        "--key",
-        artifact.key,
-        "--storage-options",
-        json.dumps(store.storage_options),
-    ] + ([] if progress else ["--no-progress"])
+    args = worker_args(store, artifact.key, progress)
     argv, env = command("pipelines.train_ar", args, cfg.processes)
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for GPUs (and mpi4py)
@@ -122,7 +104,7 @@ def train_ar(
         deepspeed=final["deepspeed"],
         counts={"steps": final["steps"], "parameters": final["parameters"]},
     )
-    return ARResult(artifact, manifest, False, time.perf_counter() - start)
+    return StepResult(artifact, manifest, False, time.perf_counter() - start)
 
 
 # -- worker (one per rank) -------------------------------------------------------------------------
@@ -181,7 +163,7 @@ def worker(store: Store, key: str, progress: bool) -> None:
             folder = _save(trainer, artifact, history, staging, rank, local_rank, world)
             _say(rank, pipes, f"checkpoint {folder}")
     bar.close()
-    in_sync = _ranks_in_sync(trainer.model, world)
+    in_sync = ranks_in_sync(trainer.model, world)
     if rank == 0:
         val = token_loader(tokens, 500, num_workers=0, split="val", shuffle=False, epochs=1, rank=0, world_size=1)
         metrics = {
@@ -280,17 +262,6 @@ def _resume(trainer, artifact: Artifact, record: dict, staging: str, local_rank:
     return state["history"]
 
 
-def _ranks_in_sync(model: torch.nn.Module, world: int) -> bool:
-    """Whether every rank ends with bit-identical weights (what data parallelism promises)."""
-    if world == 1:
-        return True
-    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()]).cpu()
-    digest = (flat.sum().item(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum().item())
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, digest)
-    return all(g == gathered[0] for g in gathered)
-
-
 def _finish(artifact: Artifact, trainer, history: list[dict], metrics: dict, ds: dict) -> None:
     """Rank 0: consolidated safetensors (weights and EMA), curves, history, metrics; the `final` part."""
     from safetensors.torch import save_file
@@ -340,33 +311,15 @@ def load_ar(artifact: Artifact, device: torch.device | str = "cpu", ema: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    w = sub.add_parser("worker", help="(internal) one training rank, started by torchrun, deepspeed or train_ar")
-    w.add_argument("--store", required=True)
-    w.add_argument("--key", required=True)
-    w.add_argument("--storage-options", default="{}")
-    w.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
-    parser.add_argument("--variant", choices=VARIANTS, action="append", help="variant(s) to train (default: all)")
-    parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.command == "worker":
-        worker(Store(args.store, json.loads(args.storage_options)), args.key, not args.no_progress)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    profile = load_profile(args.profile, args.overrides)
-    store = Store(args.store)
-    for variant in args.variant or VARIANTS:
-        r = train_ar(profile, variant, store, on_log=print, progress=not args.no_progress)
-        m = r.manifest["metrics"]
-        print(
-            f"{variant}: final train loss {m['final']['loss']:.4f}, val ce_visual {m['val_ce_visual']:.4f} "
-            f"{'(cached)' if r.cached else f'in {r.seconds:.0f}s'} -> {r.artifact.uri}"
-        )
-    return 0
+    return variant_step_main(
+        __doc__,
+        argv,
+        train_ar,
+        worker,
+        lambda m: (
+            f"final train loss {m['metrics']['final']['loss']:.4f}, val ce_visual {m['metrics']['val_ce_visual']:.4f}"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Standalone: `python -m pipelines.train_tokenizer --profile fashion32 --variant p
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -19,20 +18,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from pipelines.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipelines.cli import variant_step_main, worker_args
 from pipelines.config import from_dict, to_dict
 from pipelines.images import grid_png, loss_curves_png
-from pipelines.launch import launch
-from pipelines.profiles import SPLITS, VARIANTS, Profile, load_profile
+from pipelines.launch import launch, ranks_in_sync
+from pipelines.profiles import SPLITS, Profile
 from pipelines.shard_reader import image_loader
 from pipelines.sharding import shard_split
-from pipelines.store import Artifact, Store, cache_key
+from pipelines.store import Artifact, StepResult, Store, cache_key
 
 ASSET = "tokenizer"
 CODE_VERSION = "1"
@@ -40,17 +38,9 @@ log = logging.getLogger(__name__)
 CURVES = ("l1", "l2", "vq", "ce_prologue", "ce_visual", "prior_ce_prologue", "prior_ce_visual", "gan_g", "gan_d")
 
 
-@dataclass
-class TokenizerResult:
-    artifact: Artifact
-    manifest: dict[str, Any]
-    cached: bool
-    seconds: float
-
-
 def train_tokenizer(
     profile: Profile, variant: str, store: Store, *, on_log: Callable[[str], None] = log.info, progress: bool = True
-) -> TokenizerResult:
+) -> StepResult:
     """Train (or find) the tokenizer of one variant; returns once its manifest is committed."""
     start = time.perf_counter()
     model_cfg = profile.tokenizer_for(variant)
@@ -61,7 +51,7 @@ def train_tokenizer(
     manifest = artifact.manifest()
     if manifest is not None:
         on_log(f"{ASSET}[{variant}] already materialised at {artifact.uri}")
-        return TokenizerResult(artifact, manifest, True, time.perf_counter() - start)
+        return StepResult(artifact, manifest, True, time.perf_counter() - start)
 
     spec = {
         "variant": variant,
@@ -71,15 +61,7 @@ def train_tokenizer(
         "profile": f"{profile.name}@{profile.version}",
     }
     spec_record = artifact.put_bytes("spec.json", json.dumps(spec, indent=1).encode())
-    args = [
-        "worker",
-        "--store",
-        store.url,
-        "--key",
-        artifact.key,
-        "--storage-options",
-        json.dumps(store.storage_options),
-    ] + ([] if progress else ["--no-progress"])
+    args = worker_args(store, artifact.key, progress)
     launch("pipelines.train_tokenizer", args, profile.tokenizer_train.processes, on_line=on_log)
 
     final = artifact.parts().get("final")
@@ -95,7 +77,7 @@ def train_tokenizer(
         checkpoints=final["checkpoints"],
         counts={"steps": final["steps"]},
     )
-    return TokenizerResult(artifact, manifest, False, time.perf_counter() - start)
+    return StepResult(artifact, manifest, False, time.perf_counter() - start)
 
 
 def load_tokenizer(artifact: Artifact, device: torch.device | str = "cpu"):
@@ -213,23 +195,12 @@ def worker(store: Store, key: str, progress: bool) -> None:
             if world > 1:
                 dist.barrier()
     bar.close()
-    in_sync = _ranks_in_sync(trainer.tokenizer, world)
+    in_sync = ranks_in_sync(trainer.tokenizer, world)
     if rank == 0:
         _finish(artifact, trainer, shards["val"], cfg, history, evaluate, {"ranks": world, "ranks_in_sync": in_sync})
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-
-
-def _ranks_in_sync(model: torch.nn.Module, world: int) -> bool:
-    """Whether every rank ends with bit-identical weights (what data parallelism promises)."""
-    if world == 1:
-        return True
-    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()]).cpu()
-    digest = (flat.sum().item(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum().item())
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, digest)
-    return all(g == gathered[0] for g in gathered)
 
 
 def _finish(artifact: Artifact, trainer, val: Artifact, cfg, history: list[dict], evaluate, extra: dict) -> None:
@@ -278,33 +249,16 @@ def _progress(enabled: bool, total: int, initial: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    w = sub.add_parser("worker", help="(internal) one training rank, started by torchrun or train_tokenizer")
-    w.add_argument("--store", required=True)
-    w.add_argument("--key", required=True)
-    w.add_argument("--storage-options", default="{}")
-    w.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
-    parser.add_argument("--variant", choices=VARIANTS, action="append", help="variant(s) to train (default: all)")
-    parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.command == "worker":
-        worker(Store(args.store, json.loads(args.storage_options)), args.key, not args.no_progress)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    profile = load_profile(args.profile, args.overrides)
-    store = Store(args.store)
-    for variant in args.variant or VARIANTS:
-        r = train_tokenizer(profile, variant, store, on_log=print, progress=not args.no_progress)
-        m = r.manifest["metrics"]
-        print(
-            f"{variant}: val PSNR {m['psnr_db']:.2f} dB, visual codes used {m['visual_codes']['fraction_used']:.1%}"
-            f" {'(cached)' if r.cached else f'in {r.seconds:.0f}s'} -> {r.artifact.uri}"
-        )
-    return 0
+    return variant_step_main(
+        __doc__,
+        argv,
+        train_tokenizer,
+        worker,
+        lambda m: (
+            f"val PSNR {m['metrics']['psnr_db']:.2f} dB, visual codes used "
+            f"{m['metrics']['visual_codes']['fraction_used']:.1%}"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ def test_cli_exports_one_variant(tmp_path, fashion_mnist):
 
 
 def test_two_encoding_processes_write_the_same_files(exported, tmp_path):
-    store, profile, results = exported
+    store, _, results = exported
     r = results["prologue"]
     other = Store(str(tmp_path / "two"))
     import shutil
