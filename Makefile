@@ -22,6 +22,7 @@ bench: setup
 	$(PY) bench/sharding.py --json bench/results/sharding.json
 	$(PY) bench/ar_engine.py --json bench/results/ar_engine.json
 	$(PY) bench/token_reader.py --json bench/results/token_reader.json
+	$(PY) bench/sampler.py --json bench/results/sampler.json
 
 lint: setup
 	$(VENV)/bin/ruff check .
