@@ -111,12 +111,16 @@ def generation_metrics(context: AssetExecutionContext, store: StoreResource, pro
     m = r.manifest["metrics"]
     flat = {f"{k}_{g}": v for g in sampling.GUIDANCE for k, v in m[g].items()}
     yield _metrics_metadata(r, flat | {"reference_sha256": m["reference_sha256"]})
-    ref = st.artifact("reference_stats", r.manifest["lineage"]["reference_stats"])
-    try:
-        evaluate.load_reference(ref)  # re-hashes stats.npz against its manifest
-        problem = "" if ref.manifest()["stats_sha256"] == m["reference_sha256"] else "metrics used other stats"
-    except ValueError as e:
-        problem = str(e)
+    problems = []
+    for e, sha in m["references"].items():  # every reference used must still re-hash to what the metrics used
+        ref = st.artifact("reference_stats", r.manifest["lineage"][f"reference_stats/{e}"])
+        try:
+            evaluate.load_reference(ref)  # re-hashes stats.npz against its manifest
+            if ref.manifest()["stats_sha256"] != sha:
+                problems.append(f"{e}: metrics were computed against other statistics")
+        except ValueError as err:
+            problems.append(str(err))
+    problem = "; ".join(problems)
     yield AssetCheckResult(
         check_name="reference_checksum",
         passed=not problem,

@@ -47,16 +47,30 @@ def _cached(store: Store, asset: str, config: dict, inputs: dict, on_log) -> tup
 
 
 class Embedder:
-    """The torch-fidelity feature extractor of the evaluator: uint8 batches -> pooled features, logits."""
+    """A torch-fidelity feature extractor: uint8 batches -> (pooled features, logits).
 
-    def __init__(self, evaluator: str):
+    effnetlite0: EfficientNet-Lite0 (registered by modeling.features), 1280-d pool + 1000 logits.
+    inception: torch-fidelity's InceptionV3 from a local weights file, 2048-d pool + unbiased logits.
+    """
+
+    def __init__(self, evaluator: str, weights_path: str = ""):
         from torch_fidelity.utils import create_feature_extractor
 
         from modeling.features import register
 
-        assert evaluator == "effnetlite0", evaluator
         self.cuda = torch.cuda.is_available()
-        self.extractor = create_feature_extractor(register(), ["pool", "logits"], cuda=self.cuda, verbose=False)
+        if evaluator == "effnetlite0":
+            self.extractor = create_feature_extractor(register(), ["pool", "logits"], cuda=self.cuda, verbose=False)
+        elif evaluator == "inception" and weights_path:
+            self.extractor = create_feature_extractor(
+                "inception-v3-compat",
+                ["2048", "logits_unbiased"],
+                cuda=self.cuda,
+                verbose=False,
+                feature_extractor_weights_path=weights_path,
+            )
+        else:
+            raise ValueError(f"evaluator {evaluator!r} needs a local weights file (nothing is downloaded)")
 
     @torch.no_grad()
     def __call__(self, batches: Iterable[torch.Tensor], limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,22 +87,32 @@ class Embedder:
         return torch.cat(pools), torch.cat(logits)
 
 
+def evaluators(profile: Profile) -> dict[str, str]:
+    """{evaluator: weights path}: EfficientNet-Lite0 always, InceptionV3 when a weights file is configured."""
+    ev = profile.evaluation
+    return {ev.evaluator: ""} | ({"inception": ev.inception_weights} if ev.inception_weights else {})
+
+
 def _val_images(val: Artifact, batch: int) -> Iterable[torch.Tensor]:
     return (images for images, _ in image_loader(val, batch, num_workers=0, rank=0, world_size=1))
 
 
 # -- reference statistics ----------------------------------------------------------------------------
-def reference_stats(profile: Profile, store: Store, val: Artifact, on_log=log.info) -> StepResult:
-    """Features and (mu, sigma) of the reference set, computed once and cached in the store."""
-    from modeling.fidelity import feature_stats, save_stats
+def reference_stats(
+    profile: Profile, store: Store, val: Artifact, evaluator: str, weights: str = "", on_log=log.info
+) -> StepResult:
+    """Features and (mu, sigma) of the reference set under one evaluator, computed once and cached."""
+    from modeling.fidelity import feature_stats, save_stats, sha256_file
 
     start = time.perf_counter()
     ev = profile.evaluation
-    config = {"evaluator": ev.evaluator, "images": ev.reference_images}
+    config = {"evaluator": evaluator, "images": ev.reference_images}
+    if weights:
+        config["weights_sha256"] = sha256_file(weights)
     artifact, manifest = _cached(store, "reference_stats", config, {"image_shards/val": val.key}, on_log)
     if manifest is not None:
         return StepResult(artifact, manifest, True, time.perf_counter() - start)
-    pool, _ = Embedder(ev.evaluator)(_val_images(val, ev.feature_batch), ev.reference_images)
+    pool, _ = Embedder(evaluator, weights)(_val_images(val, ev.feature_batch), ev.reference_images)
     mu, sigma = feature_stats(pool.numpy())
     with tempfile.TemporaryDirectory() as tmp:
         save_stats(os.path.join(tmp, "stats.npz"), mu, sigma)
@@ -137,8 +161,9 @@ def set_metrics(pool: torch.Tensor, logits: torch.Tensor, ref: tuple, evaluator:
     prc = prc_features_to_metric(pool, ref_pool, save_cpu_ram=True, verbose=False)
     isc = isc_features_to_metric(logits, splits=min(10, len(logits)))
     e = evaluator
+    fd = "fid" if e == "inception" else "fd"  # only InceptionV3's Fréchet distance is a FID
     return {
-        f"fd_{e}": fd_from_features(pool.numpy(), mu, sigma),
+        f"{fd}_{e}": fd_from_features(pool.numpy(), mu, sigma),
         f"kid_{e}_mean": kid["kernel_inception_distance_mean"],
         f"kid_{e}_std": kid["kernel_inception_distance_std"],
         f"precision_{e}": prc["precision"],
@@ -156,36 +181,42 @@ def reconstruction_metrics(profile: Profile, variant: str, store: Store, on_log=
     start = time.perf_counter()
     tok = train_tokenizer(profile, variant, store, on_log=on_log, progress=False)
     val = store.artifact("image_shards", tok.manifest["lineage"]["image_shards/val"])
-    ref = reference_stats(profile, store, val, on_log)
+    refs = {e: reference_stats(profile, store, val, e, w, on_log) for e, w in evaluators(profile).items()}
     ev = profile.evaluation
-    inputs = {"tokenizer": tok.artifact.key, "reference_stats": ref.artifact.key}
-    artifact, manifest = _cached(store, "reconstruction_metrics", {"evaluator": ev.evaluator}, inputs, on_log)
+    inputs = {"tokenizer": tok.artifact.key} | {f"reference_stats/{e}": r.artifact.key for e, r in refs.items()}
+    artifact, manifest = _cached(store, "reconstruction_metrics", {}, inputs, on_log)
     if manifest is not None:
         return StepResult(artifact, manifest, True, time.perf_counter() - start)
     tokenizer, psnrs = load_tokenizer(tok.artifact), []
 
-    def reconstructions():
+    def reconstructions(record_psnr: bool):
         for images in _val_images(val, ev.feature_batch):
             x = images.float().div(127.5).sub(1)
             with torch.no_grad():
                 recon, _ = tokenizer(x)
-            psnrs.append(psnr(recon, x))
+            if record_psnr:
+                psnrs.append(psnr(recon, x))
             yield ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
-    pool, logits = Embedder(ev.evaluator)(reconstructions(), ref.manifest["counts"]["images"])
-    metrics = set_metrics(pool, logits, load_reference(ref.artifact), ev.evaluator)
-    metrics = {"r" + k if k.startswith("fd_") else f"recon_{k}": v for k, v in metrics.items()}
+    metrics: dict[str, Any] = {}
+    for i, (e, w) in enumerate(evaluators(profile).items()):
+        n = refs[e].manifest["counts"]["images"]
+        pool, logits = Embedder(e, w)(reconstructions(i == 0), n)
+        for k, v in set_metrics(pool, logits, load_reference(refs[e].artifact), e).items():
+            metrics["r" + k if k.startswith(("fd_", "fid_")) else f"recon_{k}"] = v
+    main = refs[ev.evaluator].manifest
     metrics |= {
-        "psnr_db": float(torch.cat(psnrs)[: len(pool)].mean()),
-        "images": len(pool),
+        "psnr_db": float(torch.cat(psnrs)[: main["counts"]["images"]].mean()),
+        "images": main["counts"]["images"],
         "reference": "val",
-        "reference_images": len(pool),
-        "reference_sha256": ref.manifest["stats_sha256"],
+        "reference_images": main["counts"]["images"],
+        "reference_sha256": main["stats_sha256"],
+        "references": {e: r.manifest["stats_sha256"] for e, r in refs.items()},
     }
     files = {"metrics.json": artifact.put_bytes("metrics.json", json.dumps(metrics, indent=1).encode()).__dict__}
     manifest = artifact.commit(
         files,
-        config={"evaluator": ev.evaluator},
+        config={"evaluators": list(refs)},
         lineage=inputs,
         code_version=CODE_VERSION,
         metrics=metrics,
@@ -201,33 +232,38 @@ def generation_metrics(profile: Profile, variant: str, store: Store, on_log=log.
     samples = generate_samples(profile, variant, store, on_log=on_log, progress=False)
     tok_key = samples.manifest["lineage"]["tokenizer"]
     val_key = store.artifact("tokenizer", tok_key).manifest()["lineage"]["image_shards/val"]
-    ref = reference_stats(profile, store, store.artifact("image_shards", val_key), on_log)
+    val = store.artifact("image_shards", val_key)
+    refs = {e: reference_stats(profile, store, val, e, w, on_log) for e, w in evaluators(profile).items()}
     ev = profile.evaluation
-    inputs = {"samples": samples.artifact.key, "reference_stats": ref.artifact.key}
-    artifact, manifest = _cached(store, "generation_metrics", {"evaluator": ev.evaluator}, inputs, on_log)
+    inputs = {"samples": samples.artifact.key} | {f"reference_stats/{e}": r.artifact.key for e, r in refs.items()}
+    artifact, manifest = _cached(store, "generation_metrics", {}, inputs, on_log)
     if manifest is not None:
         return StepResult(artifact, manifest, True, time.perf_counter() - start)
-    reference, embed = load_reference(ref.artifact), Embedder(ev.evaluator)
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {g: {} for g in GUIDANCE}
+    for e, w in evaluators(profile).items():
+        reference, embed = load_reference(refs[e].artifact), Embedder(e, w)
+        for g in GUIDANCE:
+            rels = samples.manifest["layout"][g]
+            sub = {"shards": rels, "files": {r: samples.manifest["files"][r] for r in rels}}
+            images = image_dataset(samples.artifact, sub, rank=0, world_size=1)
+            batches = (torch.stack([im for im, _ in chunk]) for chunk in _chunks(images, ev.feature_batch))
+            pool, logits = embed(batches)
+            metrics[g] |= set_metrics(pool, logits, reference, e) | {"samples": len(pool)}
     for g in GUIDANCE:
-        rels = samples.manifest["layout"][g]
-        sub = {"shards": rels, "files": {r: samples.manifest["files"][r] for r in rels}}
-        images = image_dataset(samples.artifact, sub, rank=0, world_size=1)
-        batches = (torch.stack([im for im, _ in chunk]) for chunk in _chunks(images, ev.feature_batch))
-        pool, logits = embed(batches)
-        metrics[g] = set_metrics(pool, logits, reference, ev.evaluator) | {"samples": len(pool)}
         on_log(f"{g}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics[g].items()))
+    main = refs[ev.evaluator].manifest
     metrics |= {
         "reference": "val",
-        "reference_images": ref.manifest["counts"]["images"],
-        "reference_sha256": ref.manifest["stats_sha256"],
+        "reference_images": main["counts"]["images"],
+        "reference_sha256": main["stats_sha256"],
+        "references": {e: r.manifest["stats_sha256"] for e, r in refs.items()},
         "seed_rule": samples.manifest["seed_rule"],
         "sampler": samples.manifest["config"]["sampler"],
     }
     files = {"metrics.json": artifact.put_bytes("metrics.json", json.dumps(metrics, indent=1).encode()).__dict__}
     manifest = artifact.commit(
         files,
-        config={"evaluator": ev.evaluator},
+        config={"evaluators": list(refs)},
         lineage=inputs,
         code_version=CODE_VERSION,
         metrics=metrics,

@@ -46,6 +46,16 @@ def _row(profile: Profile, variant: str, store: Store, on_log) -> tuple[dict[str
         f"is_{ev}_nocfg": gen["nocfg"][f"is_{ev}_mean"],
         f"precision_{ev}_cfg": gen["cfg"][f"precision_{ev}"],
         f"recall_{ev}_cfg": gen["cfg"][f"recall_{ev}"],
+        **(
+            {
+                "rfid_inception": rec["rfid_inception"],
+                "gfid_inception_cfg": gen["cfg"]["fid_inception"],
+                "gfid_inception_nocfg": gen["nocfg"]["fid_inception"],
+                "is_inception_cfg": gen["cfg"]["is_inception_mean"],
+            }
+            if "rfid_inception" in rec
+            else {}
+        ),
         "probe_top1": probe[probe_on]["top1"],
         "probe_tokens": f"{probe_on} ({profile.tokenizer.z_len} tokens)",
         "probe_all_visual_top1": probe["all_visual"]["top1"],

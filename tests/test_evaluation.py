@@ -187,3 +187,21 @@ def test_protocol_guards_name_what_differs(full_run):
     assert any("'Bag' has 11 samples" in p for p in problems) and any("119 unique seeds" in p for p in problems)
     bigger = replace(profile, data=replace(profile.data, resolution=48))
     assert any("PNG 48x48" in p for p in protocol_problems(r.artifact, r.manifest, bigger))
+
+
+def test_inception_metrics_only_with_a_configured_weights_file(full_run, tmp_path):
+    from pipelines.evaluate import reconstruction_metrics
+    from tests.test_fidelity import random_inception_weights
+
+    weights = tmp_path / "inception.pth"
+    random_inception_weights(weights)  # a real torch-fidelity InceptionV3 state dict, random weights, no download
+    store = Store(str(full_run[0]))
+    plain = reconstruction_metrics(load_profile("tiny", ["evaluation.reference_images=32"]), "prologue", store)
+    assert "rfd_effnetlite0" in plain.manifest["metrics"]
+    assert not any("inception" in k for k in plain.manifest["metrics"])
+    profile = load_profile("tiny", ["evaluation.reference_images=32", f"evaluation.inception_weights={weights}"])
+    r = reconstruction_metrics(profile, "prologue", store)
+    m = r.manifest["metrics"]
+    assert m["rfid_inception"] > 0 and "recon_is_inception_mean" in m and m["images"] == 32
+    assert m["rfd_effnetlite0"] == plain.manifest["metrics"]["rfd_effnetlite0"]  # same reference, same number
+    assert set(m["references"]) == {"effnetlite0", "inception"}
