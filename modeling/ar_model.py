@@ -58,8 +58,6 @@ class ARConfig:
     """N, visual tokens per image."""
     label_dropout: float = 0.1
     """Training-time probability of replacing a sample's class by the unconditional class (for CFG)."""
-    dropout: float = 0.0
-    """Dropout on the token embeddings entering the transformer (training only)."""
 
     @property
     def vocab_size(self) -> int:
@@ -81,8 +79,6 @@ class ARConfig:
             raise ConfigError(f"z_len: must be >= 0, got {self.z_len}")
         if not 0 <= self.label_dropout <= 1:
             raise ConfigError(f"label_dropout: must be in [0, 1], got {self.label_dropout}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -107,7 +103,6 @@ class ARModel(nn.Module):
         vocab = cfg.vocab_size
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, cfg.width)
         self.embedding = nn.Embedding(vocab, cfg.width)
-        self.drop = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, causal=True)
         self.head = nn.Linear(cfg.width, vocab, bias=False)
         self.register_buffer("angles", rope_1d(torch.arange(self.T), cfg.width // cfg.heads), persistent=False)
@@ -144,7 +139,7 @@ class ARModel(nn.Module):
         else:
             assert prologue is None, "the baseline (z_len = 0) takes no prologue"
         x = torch.cat([self.class_embedding(class_ids)[:, None], self.embedding(targets[:, :-1])], dim=1)  # [B, T, D]
-        logits = self.head(self.transformer(self.drop(x), self.angles))  # [B, T, vocab]
+        logits = self.head(self.transformer(x, self.angles))  # [B, T, vocab]
         logits = logits.masked_fill(~self.allowed, float("-inf"))
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(B, -1)  # [B, T]
         correct = (logits.argmax(-1) == targets).float()  # [B, T]
@@ -181,7 +176,7 @@ class ARModel(nn.Module):
         p, (B, D) = cache.length, x.shape
         angles = self.angles[p : p + 1]  # [1, d/2]
         cos, sin = angles.cos(), angles.sin()
-        x = self.drop(x)[:, None]  # [B, 1, D]
+        x = x[:, None]  # [B, 1, D]
         for i, block in enumerate(self.transformer.blocks):
             attn = block.attn
             q, k, v = attn.qkv(block.norm1(x)).view(B, 1, 3, attn.heads, D // attn.heads).permute(2, 0, 3, 1, 4)

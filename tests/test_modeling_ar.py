@@ -191,7 +191,6 @@ def test_config_validation():
         ({"num_visual": 0}, "num_visual: must be >= 1"),
         ({"z_len": -1}, "z_len: must be >= 0"),
         ({"label_dropout": 1.5}, "label_dropout: must be in [0, 1]"),
-        ({"dropout": 1.0}, "dropout: must be in [0, 1)"),
     ]:
         with pytest.raises(ConfigError, match="^" + re.escape(message)):
             from_dict(ARConfig, bad)
