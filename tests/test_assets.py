@@ -89,7 +89,11 @@ def test_bad_profile_fails_before_work_naming_the_field(tmp_path):
 def _env(tmp_path: Path) -> dict:
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # runs launched from the UI start at once (no queue, so no daemon needed)
+    (home / "dagster.yaml").write_text(
+        "telemetry:\n  enabled: false\n"
+        "run_coordinator:\n  module: dagster.core.run_coordinator\n  class: DefaultRunCoordinator\n"
+    )
     return {**os.environ, "DAGSTER_HOME": str(home), "PROLOGUE_PROFILE": "tiny",
             "PROLOGUE_STORE": str(tmp_path / "store")}
 
@@ -107,14 +111,17 @@ def test_cli_asset_materialize(tmp_path, fashion_mnist):
         assert event is not None and event.asset_materialization.partition == "val"
 
 
-def _graphql(port: int, query: str) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
+def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=body,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
 
-def test_webserver_serves_the_asset_graph(tmp_path):
+@pytest.fixture
+def webserver(tmp_path):
+    """`dagster-webserver` on 127.0.0.1 with a temp DAGSTER_HOME and the tiny profile; stopped by PID."""
     from pipelines.launch import free_port
 
     port = free_port()
@@ -131,10 +138,46 @@ def test_webserver_serves_the_asset_graph(tmp_path):
             except OSError:
                 assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
                 time.sleep(0.5)
-        data = _graphql(port, "{ assetNodes { assetKey { path } groupName isPartitioned } }")
-        nodes = {tuple(n["assetKey"]["path"]): n for n in data["data"]["assetNodes"]}
-        assert nodes[("image_shards",)]["groupName"] == "data" and nodes[("image_shards",)]["isPartitioned"]
-        assert set(nodes) == {tuple(k.path) for k in defs.resolve_asset_graph().get_all_asset_keys()}
+        yield port
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_webserver_serves_the_asset_graph(webserver):
+    data = _graphql(webserver, "{ assetNodes { assetKey { path } groupName isPartitioned } }")
+    nodes = {tuple(n["assetKey"]["path"]): n for n in data["data"]["assetNodes"]}
+    assert nodes[("image_shards",)]["groupName"] == "data" and nodes[("image_shards",)]["isPartitioned"]
+    assert set(nodes) == {tuple(k.path) for k in defs.resolve_asset_graph().get_all_asset_keys()}
+
+
+def test_ui_launches_a_materialisation_and_reads_its_metadata(webserver, fashion_mnist):
+    repos = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
+    [node] = _graphql(webserver, repos)["data"]["repositoriesOrError"]["nodes"]
+    params = {
+        "selector": {"repositoryLocationName": node["location"]["name"], "repositoryName": node["name"],
+                     "jobName": "shard_images"},
+        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "val"}]},
+    }
+    launch = _graphql(webserver, """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+        __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""", {"p": params})
+    result = launch["data"]["launchRun"]
+    assert result["__typename"] == "LaunchRunSuccess", result
+    run_id = result["run"]["runId"]
+    deadline = time.time() + 180
+    while True:
+        status = _graphql(webserver, "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }",
+                          {"id": run_id})
+        status = status["data"]["runOrError"]["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            break
+        assert time.time() < deadline, f"run still {status}"
+        time.sleep(1)
+    assert status == "SUCCESS"
+    mats = _graphql(webserver, """{ assetOrError(assetKey: {path: ["image_shards"]}) { ... on Asset {
+        assetMaterializations(partitions: ["val"]) { partition runId metadataEntries { label
+          ... on IntMetadataEntry { intValue } ... on TextMetadataEntry { text } } } } } }""")
+    [mat] = mats["data"]["assetOrError"]["assetMaterializations"]
+    md = {e["label"]: e.get("intValue", e.get("text")) for e in mat["metadataEntries"]}
+    assert mat["runId"] == run_id and mat["partition"] == "val"
+    assert md["samples"] == 128 and md["cache_key"]
