@@ -46,6 +46,22 @@ def _cached(store: Store, asset: str, config: dict, inputs: dict, on_log) -> tup
     return artifact, manifest
 
 
+def _commit_metrics(
+    artifact: Artifact, metrics: dict, config: dict, lineage: dict, profile: Profile, start: float
+) -> StepResult:
+    """Write metrics.json and the manifest of a metric step."""
+    files = {"metrics.json": artifact.put_bytes("metrics.json", json.dumps(metrics, indent=1).encode()).__dict__}
+    manifest = artifact.commit(
+        files,
+        config=config,
+        lineage=lineage,
+        code_version=CODE_VERSION,
+        metrics=metrics,
+        profile=f"{profile.name}@{profile.version}",
+    )
+    return StepResult(artifact, manifest, False, time.perf_counter() - start)
+
+
 class Embedder:
     """A torch-fidelity feature extractor: uint8 batches -> (pooled features, logits).
 
@@ -213,16 +229,7 @@ def reconstruction_metrics(profile: Profile, variant: str, store: Store, on_log=
         "reference_sha256": main["stats_sha256"],
         "references": {e: r.manifest["stats_sha256"] for e, r in refs.items()},
     }
-    files = {"metrics.json": artifact.put_bytes("metrics.json", json.dumps(metrics, indent=1).encode()).__dict__}
-    manifest = artifact.commit(
-        files,
-        config={"evaluators": list(refs)},
-        lineage=inputs,
-        code_version=CODE_VERSION,
-        metrics=metrics,
-        profile=f"{profile.name}@{profile.version}",
-    )
-    return StepResult(artifact, manifest, False, time.perf_counter() - start)
+    return _commit_metrics(artifact, metrics, {"evaluators": list(refs)}, inputs, profile, start)
 
 
 # -- generation metrics ------------------------------------------------------------------------------
@@ -260,16 +267,7 @@ def generation_metrics(profile: Profile, variant: str, store: Store, on_log=log.
         "seed_rule": samples.manifest["seed_rule"],
         "sampler": samples.manifest["config"]["sampler"],
     }
-    files = {"metrics.json": artifact.put_bytes("metrics.json", json.dumps(metrics, indent=1).encode()).__dict__}
-    manifest = artifact.commit(
-        files,
-        config={"evaluators": list(refs)},
-        lineage=inputs,
-        code_version=CODE_VERSION,
-        metrics=metrics,
-        profile=f"{profile.name}@{profile.version}",
-    )
-    return StepResult(artifact, manifest, False, time.perf_counter() - start)
+    return _commit_metrics(artifact, metrics, {"evaluators": list(refs)}, inputs, profile, start)
 
 
 def _chunks(items: Iterable, n: int) -> Iterable[list]:
@@ -314,16 +312,7 @@ def linear_probe(profile: Profile, variant: str, store: Store, on_log=log.info) 
         metrics[name] = fit(embed(tp, tv), ty, embed(vp, vv), vy, steps=ev.probe_steps, seed=0)
         on_log(f"linear probe on {name}: top-1 {metrics[name]['top1']:.4f}")
     metrics["train_rows"], metrics["val_rows"] = len(data["train"][0]), len(data["val"][0])
-    files = {"metrics.json": artifact.put_bytes("metrics.json", json.dumps(metrics, indent=1).encode()).__dict__}
-    manifest = artifact.commit(
-        files,
-        config=config,
-        lineage={"token_dataset": tokens.artifact.key},
-        code_version=CODE_VERSION,
-        metrics=metrics,
-        profile=f"{profile.name}@{profile.version}",
-    )
-    return StepResult(artifact, manifest, False, time.perf_counter() - start)
+    return _commit_metrics(artifact, metrics, config, {"token_dataset": tokens.artifact.key}, profile, start)
 
 
 def _rows(artifact: Artifact, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -88,3 +88,16 @@ def ranks_in_sync(model, world: int) -> bool:
     gathered: list = [None] * world
     dist.all_gather_object(gathered, digest)
     return all(g == gathered[0] for g in gathered)
+
+
+def worker_device():
+    """(rank, world size, device) of this worker process from the torchrun environment; CPU ranks on
+    one machine split its cores instead of each taking all of them."""
+    import torch
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        return rank, world, torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+    if world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return rank, world, torch.device("cpu")

@@ -37,7 +37,7 @@ import webdataset as wds
 from pipelines.cli import variant_step_main, worker_args
 from pipelines.config import from_dict, to_dict
 from pipelines.images import encode_png, grid_png, to_pil
-from pipelines.launch import launch
+from pipelines.launch import launch, worker_device
 from pipelines.profiles import Profile
 from pipelines.store import Artifact, StepResult, Store, cache_key
 from pipelines.train_ar import load_ar, train_ar
@@ -180,11 +180,7 @@ def worker(store: Store, key: str, progress: bool) -> None:
 
     from modeling.sampler import SamplerConfig, sample, sample_seeds
 
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
-    if not cuda and world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    rank, world, device = worker_device()
     artifact = store.artifact(ASSET, key)
     spec = json.loads(artifact.read_bytes("spec.json"))
     cfg = from_dict(SamplerConfig, spec["sampler"])

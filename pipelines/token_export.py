@@ -45,7 +45,7 @@ from PIL import Image
 from pipelines.cli import variant_step_main, worker_args
 from pipelines.config import from_dict, to_dict
 from pipelines.images import grid_png
-from pipelines.launch import launch
+from pipelines.launch import launch, worker_device
 from pipelines.profiles import SPLITS, Profile, TokenExportConfig
 from pipelines.shard_reader import image_dataset, image_loader
 from pipelines.sharding import shard_name
@@ -239,11 +239,7 @@ def sanity_check(tok_artifact: Artifact, tok_manifest: dict, val: Artifact, cfg:
 def worker(store: Store, key: str, progress: bool) -> None:
     from tqdm import tqdm
 
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
-    if not cuda and world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    rank, world, device = worker_device()
     artifact = store.artifact(ASSET, key)
     spec = json.loads(artifact.read_bytes("spec.json"))
     cfg = from_dict(TokenExportConfig, spec["tokens"])
