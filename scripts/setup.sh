@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh clone: virtual environment, the package with its pinned
-# dependencies, and Debian's dataset-fashion-mnist (the embedded default data set).
+# dependencies, Debian's dataset-fashion-mnist (the embedded default data set) and PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -21,16 +21,19 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-FMNIST=/usr/share/datasets/fashion-mnist
-if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
+# Debian packages: the embedded data set, and the PostgreSQL server the deploy/ instance test starts
+missing=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "error: Fashion-MNIST is missing at $FMNIST and installing it needs root." >&2
-    echo "       run: sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist" >&2
+    echo "error: Debian packages missing: ${missing[*]}; installing them needs root." >&2
+    echo "       run: sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
     exit 1
   fi
-  echo "==> installing Debian's dataset-fashion-mnist"
+  echo "==> installing Debian packages: ${missing[*]}"
   apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
 fi
 # the Dagster instance the demo writes to and `make ui` reads (telemetry off: offline machines)
 mkdir -p .dagster_home
