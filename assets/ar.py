@@ -1,20 +1,23 @@
 """Stage-3 asset: the class-conditional AR model, trained by DeepSpeed in a Dagster Pipes subprocess."""
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, PipesSubprocessClient, asset
+from dagster import AssetExecutionContext, MetadataValue, PipesSubprocessClient, asset
 
-from assets.data import materialized, png_markdown
+from assets import checks
+from assets.data import per_variant, png_markdown
 from assets.resources import ProfileResource, StoreResource
-from assets.tokenizer import variant_partitions
+from assets.tokenizer import ONE_RUN, variant_partitions
 from assets.tokens import token_dataset
 from pipelines import train_ar
 
 
 @asset(
     partitions_def=variant_partitions,
+    backfill_policy=ONE_RUN,
     deps=[token_dataset],
     code_version=train_ar.CODE_VERSION,
     group_name="generator",
     kinds={"pytorch", "deepspeed"},
+    check_specs=[checks.spec("weights_finite", "ar_model", "no NaN/Inf in the final and EMA weights")],
     description="Class-conditional AR transformer over [class][prologue][EOS][visual] (baseline: [class][visual]), "
     "trained through a DeepSpeed engine on N processes launched via Dagster Pipes; resumable from store checkpoints.",
 )
@@ -23,33 +26,35 @@ def ar_model(
     store: StoreResource,
     profile: ProfileResource,
     pipes_subprocess_client: PipesSubprocessClient,
-) -> MaterializeResult:
+):
+    prof, finite = profile.profile(), {}
+
     def run_with_pipes(argv: list[str], env: dict[str, str]) -> None:
         # rank 0 opens the Pipes session: its log lines and final metrics land in this run's event log
         pipes_subprocess_client.run(command=argv, context=context, env=env)
 
-    result = train_ar.train_ar(
-        profile.profile(),
-        context.partition_key,
-        store.store(),
-        on_log=context.log.info,
-        progress=False,
-        runner=run_with_pipes,
-    )
-    m, art = result.manifest, result.artifact
-    metrics = m["metrics"]
-    metadata = {
-        "steps": m["counts"]["steps"],
-        "parameters": m["counts"]["parameters"],
-        "final_loss": round(metrics["final"]["loss"], 4),
-        "val_ce_visual": round(metrics["val_ce_visual"], 4),
-        "val_accuracy_visual": round(metrics["val_accuracy_visual"], 4),
-        "val_sequences": metrics["val_sequences"],
-        "ranks": metrics["ranks"],
-        "bf16": m["deepspeed"]["bf16"],
-        "deepspeed_config": MetadataValue.json(m["deepspeed"]["config"]),
-        "loss_curves": png_markdown(art.read_bytes("loss_curves.png"), "AR training curves"),
-    }
-    if "val_ce_prologue" in metrics:
-        metadata["val_ce_prologue"] = round(metrics["val_ce_prologue"], 4)
-    return materialized(result, metadata)
+    def step(variant: str):
+        result = train_ar.train_ar(
+            prof, variant, store.store(), on_log=context.log.info, progress=False, runner=run_with_pipes
+        )
+        m, art = result.manifest, result.artifact
+        finite[variant] = checks.finite_problems(art)
+        metrics = m["metrics"]
+        metadata = {
+            "steps": m["counts"]["steps"],
+            "parameters": m["counts"]["parameters"],
+            "final_loss": round(metrics["final"]["loss"], 4),
+            "val_ce_visual": round(metrics["val_ce_visual"], 4),
+            "val_accuracy_visual": round(metrics["val_accuracy_visual"], 4),
+            "val_sequences": metrics["val_sequences"],
+            "ranks": metrics["ranks"],
+            "bf16": m["deepspeed"]["bf16"],
+            "deepspeed_config": MetadataValue.json(m["deepspeed"]["config"]),
+            "loss_curves": png_markdown(art.read_bytes("loss_curves.png"), "AR training curves"),
+        }
+        if "val_ce_prologue" in metrics:
+            metadata["val_ce_prologue"] = round(metrics["val_ce_prologue"], 4)
+        return result, metadata
+
+    yield per_variant(context, step)
+    yield checks.check_result("weights_finite", finite)

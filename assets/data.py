@@ -1,8 +1,10 @@
-"""Data assets: raw images sharded into WebDataset tars in the store."""
+"""Data assets: raw images sharded into WebDataset tars in the store, and the helpers every asset
+uses to turn step results into materialisations."""
 
 import base64
 import hashlib
 import json
+from collections.abc import Callable
 
 from dagster import (
     AssetExecutionContext,
@@ -10,32 +12,56 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     ObserveResult,
-    StaticPartitionsDefinition,
     asset,
     observable_source_asset,
 )
 
+from assets import checks
 from assets.resources import ProfileResource, StoreResource
 from pipelines import sharding
 from pipelines.profiles import SPLITS
 from pipelines.sources import open_source
+from pipelines.store import StepResult
 
-split_partitions = StaticPartitionsDefinition(["train", "val"])
 
-
-def materialized(result, metadata: dict) -> MaterializeResult:
-    """The MaterializeResult of a step result (artifact, manifest, cached, seconds): the metadata
-    every asset shows (store URI, cache key, profile, reuse, time) plus `metadata`; the cache key is
-    the data version."""
+def step_metadata(result: StepResult, metadata: dict) -> dict:
+    """The metadata every asset shows for a step result (store URI, cache key, profile, reuse,
+    time) plus `metadata`."""
     art = result.artifact
-    common = {
+    return {
         "uri": MetadataValue.path(art.uri),
         "cache_key": art.key,
         "profile": result.manifest["profile"],
         "reused_existing": result.cached,
         "seconds": round(result.seconds, 2),
+        **metadata,
     }
-    return MaterializeResult(metadata={**common, **metadata}, data_version=DataVersion(art.key))
+
+
+def data_version(keys: dict[str, str]) -> DataVersion:
+    """The data version of one or more artefacts: the cache key itself for one, a hash of the
+    (name, key) pairs for several, so it changes exactly when some content does."""
+    if len(keys) == 1:
+        return DataVersion(next(iter(keys.values())))
+    return DataVersion(hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:24])
+
+
+def materialized(result: StepResult, metadata: dict) -> MaterializeResult:
+    """The MaterializeResult of one step result; its cache key is the data version."""
+    metadata = step_metadata(result, metadata)
+    return MaterializeResult(metadata=metadata, data_version=data_version({"": result.artifact.key}))
+
+
+def per_variant(context: AssetExecutionContext, step: Callable[[str], tuple[StepResult, dict]]) -> MaterializeResult:
+    """Run `step(variant)` for every variant partition of this run (one, or all of them when the
+    run covers a partition range: the retrain job does) and attach each result's metadata to its
+    own partition's materialisation."""
+    keys = {}
+    for variant in context.partition_keys:
+        result, metadata = step(variant)
+        context.add_asset_metadata(step_metadata(result, metadata), partition_key=variant)
+        keys[variant] = result.artifact.key
+    return MaterializeResult(data_version=data_version(keys))
 
 
 def png_markdown(png: bytes, alt: str) -> MetadataValue:
@@ -59,24 +85,36 @@ def raw_images(profile: ProfileResource) -> ObserveResult:
 
 @asset(
     deps=[raw_images],
-    partitions_def=split_partitions,
     code_version=sharding.CODE_VERSION,
     group_name="data",
     kinds={"webdataset", "pillow"},
-    description="Raw images -> centre-cropped (or padded) lossless PNGs in WebDataset tar shards.",
+    check_specs=[
+        checks.spec("shards_intact", "image_shards", "every split: shard and sample counts, sha256 of every file")
+    ],
+    description="Raw images of both splits -> centre-cropped (or padded) lossless PNGs in WebDataset tar shards, "
+    "one store artefact per split.",
 )
-def image_shards(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource) -> MaterializeResult:
-    split = context.partition_key
-    result = sharding.shard_split(profile.profile(), split, store.store(), on_log=context.log.info)
-    m, art = result.manifest, result.artifact
-    counts = m["counts"]
-    metadata = {
-        "samples": counts["samples"],
-        "corrupt_skipped": counts["corrupt"],
-        "shards": counts["shards"],
-        "per_class": MetadataValue.json(counts["per_class"]),
-        "bytes": sum(f["size"] for f in m["files"].values()),
-    }
-    if "preview.png" in m["files"]:
-        metadata["preview"] = png_markdown(art.read_bytes("preview.png"), f"{split} preview")
-    return materialized(result, metadata)
+def image_shards(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+    prof, st = profile.profile(), store.store()
+    metadata, keys, problems = {"profile": f"{prof.name}@{prof.version}"}, {}, {}
+    for split in SPLITS:
+        result = sharding.shard_split(prof, split, st, on_log=context.log.info)
+        m, art = result.manifest, result.artifact
+        counts = m["counts"]
+        metadata |= {
+            f"{split}_uri": MetadataValue.path(art.uri),
+            f"{split}_cache_key": art.key,
+            f"{split}_samples": counts["samples"],
+            f"{split}_corrupt_skipped": counts["corrupt"],
+            f"{split}_shards": counts["shards"],
+            f"{split}_bytes": sum(f["size"] for f in m["files"].values()),
+            f"{split}_reused_existing": result.cached,
+            f"{split}_seconds": round(result.seconds, 2),
+            f"{split}_per_class": MetadataValue.json(counts["per_class"]),
+        }
+        if "preview.png" in m["files"]:
+            metadata[f"{split}_preview"] = png_markdown(art.read_bytes("preview.png"), f"{split} preview")
+        keys[split] = art.key
+        problems[split] = checks.shard_problems(art)
+    yield MaterializeResult(metadata=metadata, data_version=data_version(keys))
+    yield checks.check_result("shards_intact", problems)

@@ -1,19 +1,22 @@
 """The Dagster code location: `dagster dev -w workspace.yaml` loads `defs` from here."""
 
-from dagster import AssetSelection, Definitions, PipesSubprocessClient, define_asset_job
+from dagster import Definitions, PipesSubprocessClient, define_asset_job
 
 from assets.ar import ar_model
+from assets.automation import evaluation_job, new_images_sensor, retrain_job, retrain_schedule, run_failure_summary
 from assets.data import image_shards, raw_images
-from assets.evaluation import GROUP, generation_metrics, linear_probe, reconstruction_metrics, results_table, samples
+from assets.evaluation import generation_metrics, linear_probe, reconstruction_metrics, results_table, samples
 from assets.resources import ProfileResource, StoreResource
 from assets.tokenizer import tokenizer
 from assets.tokens import token_dataset
 
-shard_job = define_asset_job("shard_images", selection=[image_shards])
-tokenizer_job = define_asset_job("train_tokenizers", selection=[tokenizer])
-tokens_job = define_asset_job("export_tokens", selection=[token_dataset])
-ar_job = define_asset_job("train_ar_models", selection=[ar_model])
-evaluation_job = define_asset_job("evaluation", selection=AssetSelection.groups(GROUP))
+# one job per stage, for rerunning a stage by hand (partitions chosen in the launchpad)
+stage_jobs = [
+    define_asset_job("shard_images", selection=[image_shards]),
+    define_asset_job("train_tokenizers", selection=[tokenizer]),
+    define_asset_job("export_tokens", selection=[token_dataset]),
+    define_asset_job("train_ar_models", selection=[ar_model]),
+]
 
 defs = Definitions(
     assets=[
@@ -28,7 +31,9 @@ defs = Definitions(
         linear_probe,
         results_table,
     ],
-    jobs=[shard_job, tokenizer_job, tokens_job, ar_job, evaluation_job],
+    jobs=[retrain_job, evaluation_job, *stage_jobs],
+    schedules=[retrain_schedule],
+    sensors=[new_images_sensor, run_failure_summary],
     resources={
         "store": StoreResource(),
         "profile": ProfileResource(),

@@ -1,22 +1,13 @@
 """Evaluation assets (group `evaluation`): samples, reconstruction and generation metrics, linear
 probe, results table. Metrics are named by their evaluator (`fd_effnetlite0` is not FID)."""
 
-from dagster import (
-    AllPartitionMapping,
-    AssetCheckResult,
-    AssetCheckSeverity,
-    AssetCheckSpec,
-    AssetDep,
-    AssetExecutionContext,
-    MaterializeResult,
-    MetadataValue,
-    asset,
-)
+from dagster import AllPartitionMapping, AssetDep, AssetExecutionContext, MetadataValue, asset
 
+from assets import checks
 from assets.ar import ar_model
-from assets.data import materialized, png_markdown
+from assets.data import materialized, per_variant, png_markdown
 from assets.resources import ProfileResource, StoreResource
-from assets.tokenizer import tokenizer, variant_partitions
+from assets.tokenizer import ONE_RUN, tokenizer, variant_partitions
 from assets.tokens import token_dataset
 from pipelines import evaluate, results, sampling
 
@@ -25,112 +16,106 @@ GROUP = "evaluation"
 
 @asset(
     partitions_def=variant_partitions,
+    backfill_policy=ONE_RUN,
     deps=[ar_model],
     code_version=sampling.CODE_VERSION,
     group_name=GROUP,
     kinds={"pytorch", "webdataset"},
     check_specs=[
-        AssetCheckSpec(
-            "sampling_protocol",
-            asset="samples",
-            blocking=True,
-            description="sample count, per-class balance, unique seeds, image size and format",
-        )
+        checks.spec("sampling_protocol", "samples", "sample count, per-class balance, unique seeds, image size, format")
     ],
     description="N samples per class from the AR model, with and without classifier-free guidance, as lossless "
     "PNG WebDataset shards with a recorded seed per sample; resumable.",
 )
 def samples(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
-    prof = profile.profile()
-    result = sampling.generate_samples(
-        prof, context.partition_key, store.store(), on_log=context.log.info, progress=False
-    )
-    m, art = result.manifest, result.artifact
-    metadata = {
-        "samples_cfg": m["counts"]["samples"]["cfg"],
-        "samples_nocfg": m["counts"]["samples"]["nocfg"],
-        "per_class": prof.evaluation.samples_per_class,
-        "sampler": MetadataValue.json(m["config"]["sampler"]),
-        "seed_rule": m["seed_rule"],
-        "grid_cfg": png_markdown(art.read_bytes("grid_cfg.png"), "with guidance: 8 samples per class (rows)"),
-        "grid_nocfg": png_markdown(art.read_bytes("grid_nocfg.png"), "without guidance: 8 samples per class"),
-    }
-    if "resample_visual.png" in m["files"]:
-        metadata["resample_visual"] = png_markdown(
-            art.read_bytes("resample_visual.png"),
-            "first column: a sample; the rest keep its prologue, new visual tokens",
-        )
-    problems = sampling.protocol_problems(art, m, prof)
-    yield materialized(result, metadata)
-    yield AssetCheckResult(
-        check_name="sampling_protocol",
-        passed=not problems,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={"problems": MetadataValue.json(problems)},
-    )
+    prof, problems = profile.profile(), {}
+
+    def step(variant: str):
+        result = sampling.generate_samples(prof, variant, store.store(), on_log=context.log.info, progress=False)
+        m, art = result.manifest, result.artifact
+        problems[variant] = sampling.protocol_problems(art, m, prof)
+        metadata = {
+            "samples_cfg": m["counts"]["samples"]["cfg"],
+            "samples_nocfg": m["counts"]["samples"]["nocfg"],
+            "per_class": prof.evaluation.samples_per_class,
+            "sampler": MetadataValue.json(m["config"]["sampler"]),
+            "seed_rule": m["seed_rule"],
+            "grid_cfg": png_markdown(art.read_bytes("grid_cfg.png"), "with guidance: 8 samples per class (rows)"),
+            "grid_nocfg": png_markdown(art.read_bytes("grid_nocfg.png"), "without guidance: 8 samples per class"),
+        }
+        if "resample_visual.png" in m["files"]:
+            metadata["resample_visual"] = png_markdown(
+                art.read_bytes("resample_visual.png"),
+                "first column: a sample; the rest keep its prologue, new visual tokens",
+            )
+        return result, metadata
+
+    yield per_variant(context, step)
+    yield checks.check_result("sampling_protocol", problems)
 
 
-def _metrics_metadata(result, flat: dict) -> MaterializeResult:
+def _metrics_metadata(result, flat: dict) -> dict:
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in flat.items()}
-    return materialized(result, {**shown, "metrics": MetadataValue.json(result.manifest["metrics"])})
+    return {**shown, "metrics": MetadataValue.json(result.manifest["metrics"])}
 
 
 @asset(
     partitions_def=variant_partitions,
+    backfill_policy=ONE_RUN,
     deps=[tokenizer],
     code_version=evaluate.CODE_VERSION,
     group_name=GROUP,
     description="rFD (EfficientNet-Lite0 features of val reconstructions vs the val reference set) and PSNR.",
 )
 def reconstruction_metrics(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
-    r = evaluate.reconstruction_metrics(profile.profile(), context.partition_key, store.store(), context.log.info)
-    m = r.manifest["metrics"]
-    keys = [k for k in m if k.startswith("rfd_")] + ["psnr_db", "images", "reference_sha256"]
-    return _metrics_metadata(r, {k: m[k] for k in keys})
+    prof = profile.profile()
+
+    def step(variant: str):
+        r = evaluate.reconstruction_metrics(prof, variant, store.store(), context.log.info)
+        m = r.manifest["metrics"]
+        keys = [k for k in m if k.startswith("rfd_")] + ["psnr_db", "images", "reference_sha256"]
+        return r, _metrics_metadata(r, {k: m[k] for k in keys})
+
+    return per_variant(context, step)
 
 
 @asset(
     partitions_def=variant_partitions,
+    backfill_policy=ONE_RUN,
     deps=[samples],
     code_version=evaluate.CODE_VERSION,
     group_name=GROUP,
     check_specs=[
-        AssetCheckSpec(
-            "reference_checksum",
-            asset="generation_metrics",
-            blocking=True,
-            description="the reference statistics are the stored ones (sha256)",
-        )
+        checks.spec("reference_checksum", "generation_metrics", "the reference statistics are the stored ones (sha256)")
     ],
     description="gFD, KID, precision/recall and IS-style score (EfficientNet-Lite0) of the samples with and "
     "without guidance against the val reference set.",
 )
 def generation_metrics(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
-    st = store.store()
-    r = evaluate.generation_metrics(profile.profile(), context.partition_key, st, context.log.info)
-    m = r.manifest["metrics"]
-    flat = {f"{k}_{g}": v for g in sampling.GUIDANCE for k, v in m[g].items()}
-    yield _metrics_metadata(r, flat | {"reference_sha256": m["reference_sha256"]})
-    problems = []
-    for e, sha in m["references"].items():  # every reference used must still re-hash to what the metrics used
-        ref = st.artifact("reference_stats", r.manifest["lineage"][f"reference_stats/{e}"])
-        try:
-            evaluate.load_reference(ref)  # re-hashes stats.npz against its manifest
-            if ref.manifest()["stats_sha256"] != sha:
-                problems.append(f"{e}: metrics were computed against other statistics")
-        except ValueError as err:
-            problems.append(str(err))
-    problem = "; ".join(problems)
-    yield AssetCheckResult(
-        check_name="reference_checksum",
-        passed=not problem,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={"reference_sha256": m["reference_sha256"], "problem": problem},
-    )
+    prof, st, problems = profile.profile(), store.store(), {}
+
+    def step(variant: str):
+        r = evaluate.generation_metrics(prof, variant, st, context.log.info)
+        m = r.manifest["metrics"]
+        problems[variant] = []
+        for e, sha in m["references"].items():  # every reference used must still re-hash to what the metrics used
+            ref = st.artifact("reference_stats", r.manifest["lineage"][f"reference_stats/{e}"])
+            try:
+                evaluate.load_reference(ref)  # re-hashes stats.npz against its manifest
+                if ref.manifest()["stats_sha256"] != sha:
+                    problems[variant].append(f"{e}: metrics were computed against other statistics")
+            except ValueError as err:
+                problems[variant].append(str(err))
+        flat = {f"{k}_{g}": v for g in sampling.GUIDANCE for k, v in m[g].items()}
+        return r, _metrics_metadata(r, flat | {"reference_sha256": m["reference_sha256"]})
+
+    yield per_variant(context, step)
+    yield checks.check_result("reference_checksum", problems)
 
 
 @asset(
     partitions_def=variant_partitions,
+    backfill_policy=ONE_RUN,
     deps=[token_dataset],
     code_version=evaluate.CODE_VERSION,
     group_name=GROUP,
@@ -138,9 +123,14 @@ def generation_metrics(context: AssetExecutionContext, store: StoreResource, pro
     "first z_len visual tokens, all visual tokens.",
 )
 def linear_probe(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
-    r = evaluate.linear_probe(profile.profile(), context.partition_key, store.store(), context.log.info)
-    m = r.manifest["metrics"]
-    return _metrics_metadata(r, {f"top1_{k}": v["top1"] for k, v in m.items() if isinstance(v, dict)})
+    prof = profile.profile()
+
+    def step(variant: str):
+        r = evaluate.linear_probe(prof, variant, store.store(), context.log.info)
+        m = r.manifest["metrics"]
+        return r, _metrics_metadata(r, {f"top1_{k}": v["top1"] for k, v in m.items() if isinstance(v, dict)})
+
+    return per_variant(context, step)
 
 
 @asset(

@@ -4,50 +4,65 @@ from dagster import (
     AllPartitionMapping,
     AssetDep,
     AssetExecutionContext,
-    MaterializeResult,
+    BackfillPolicy,
     MetadataValue,
     StaticPartitionsDefinition,
     asset,
 )
 
-from assets.data import image_shards, materialized, png_markdown
+from assets import checks
+from assets.data import image_shards, per_variant, png_markdown
 from assets.resources import ProfileResource, StoreResource
 from pipelines import train_tokenizer
 from pipelines.profiles import VARIANTS
 
 variant_partitions = StaticPartitionsDefinition(list(VARIANTS))
+# a run may cover every variant (the retrain job): each asset then loops over its partitions
+ONE_RUN = BackfillPolicy.single_run()
 
 
 @asset(
     partitions_def=variant_partitions,
+    backfill_policy=ONE_RUN,
     deps=[AssetDep(image_shards, partition_mapping=AllPartitionMapping())],
     code_version=train_tokenizer.CODE_VERSION,
     group_name="tokenizer",
     kinds={"pytorch", "safetensors"},
+    check_specs=[
+        checks.spec("weights_finite", "tokenizer", "no NaN/Inf in the tokenizer and prior weights"),
+        checks.spec("codebook_usage", "tokenizer", "fraction of each codebook used on val >= operations floor"),
+    ],
     description="Stage-1 tokenizer (baseline: z_len = 0, no joint prior; prologue: prologue tokens trained "
     "only through the joint AR CE), trained data-parallel in a subprocess, resumable from store checkpoints.",
 )
-def tokenizer(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource) -> MaterializeResult:
-    variant = context.partition_key
-    result = train_tokenizer.train_tokenizer(
-        profile.profile(), variant, store.store(), on_log=context.log.info, progress=False
-    )
-    m, art = result.manifest, result.artifact
-    metrics = m["metrics"]
-    metadata = {
-        "steps": m["counts"]["steps"],
-        "val_psnr_db": round(metrics["psnr_db"], 3),
-        "val_l1": round(metrics["l1"], 5),
-        "val_images": metrics["images"],
-        "visual_codes_used": round(metrics["visual_codes"]["fraction_used"], 4),
-        "visual_codes_perplexity": round(metrics["visual_codes"]["perplexity"], 1),
-        "ranks": metrics["ranks"],
-        "reconstructions": png_markdown(art.read_bytes("reconstructions.png"), "val: originals (top), EMA recon"),
-        "loss_curves": png_markdown(art.read_bytes("loss_curves.png"), "loss curves"),
-    }
-    if "prologue_codes" in metrics:
-        metadata["prologue_codes_used"] = round(metrics["prologue_codes"]["fraction_used"], 4)
-        metadata["prologue_codes_used_per_position"] = MetadataValue.json(
-            metrics["prologue_codes"]["used_per_position"]
-        )
-    return materialized(result, metadata)
+def tokenizer(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+    prof = profile.profile()
+    finite, usage = {}, {}
+
+    def step(variant: str):
+        result = train_tokenizer.train_tokenizer(prof, variant, store.store(), on_log=context.log.info, progress=False)
+        m, art = result.manifest, result.artifact
+        finite[variant] = checks.finite_problems(art)
+        usage[variant] = checks.codebook_problems(art, prof.operations.codebook_usage_floor)
+        metrics = m["metrics"]
+        metadata = {
+            "steps": m["counts"]["steps"],
+            "val_psnr_db": round(metrics["psnr_db"], 3),
+            "val_l1": round(metrics["l1"], 5),
+            "val_images": metrics["images"],
+            "visual_codes_used": round(metrics["visual_codes"]["fraction_used"], 4),
+            "visual_codes_perplexity": round(metrics["visual_codes"]["perplexity"], 1),
+            "ranks": metrics["ranks"],
+            "reconstructions": png_markdown(art.read_bytes("reconstructions.png"), "val: originals (top), EMA recon"),
+            "loss_curves": png_markdown(art.read_bytes("loss_curves.png"), "loss curves"),
+        }
+        if "prologue_codes" in metrics:
+            metadata["prologue_codes_used"] = round(metrics["prologue_codes"]["fraction_used"], 4)
+            metadata["prologue_codes_used_per_position"] = MetadataValue.json(
+                metrics["prologue_codes"]["used_per_position"]
+            )
+        return result, metadata
+
+    yield per_variant(context, step)
+    yield checks.check_result("weights_finite", finite)
+    yield checks.check_result("codebook_usage", usage)

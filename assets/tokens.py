@@ -1,41 +1,48 @@
 """Stage-2 asset: the pre-tokenised dataset (Parquet + WebDataset), one partition per variant."""
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, MetadataValue, asset
 
-from assets.data import materialized, png_markdown
+from assets import checks
+from assets.data import per_variant, png_markdown
 from assets.resources import ProfileResource, StoreResource
-from assets.tokenizer import tokenizer, variant_partitions
+from assets.tokenizer import ONE_RUN, tokenizer, variant_partitions
 from pipelines import token_export
 
 
 @asset(
     partitions_def=variant_partitions,
+    backfill_policy=ONE_RUN,
     deps=[tokenizer],
     code_version=token_export.CODE_VERSION,
     group_name="tokens",
     kinds={"parquet", "webdataset"},
+    check_specs=[checks.spec("tokens_intact", "token_dataset", "sha256 of every file, Parquet row counts")],
     description="Every image encoded once by the frozen tokenizer (train: configured augmentation, one row per "
     "view; val: centre only), stored twice with identical rows: Parquet and WebDataset. A reconstruction sanity "
     "check runs before the full encode.",
 )
-def token_dataset(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource) -> MaterializeResult:
-    result = token_export.export_tokens(
-        profile.profile(), context.partition_key, store.store(), on_log=context.log.info, progress=False
-    )
-    m, art = result.manifest, result.artifact
-    counts, sanity = m["counts"], m["sanity"]
-    metadata = {
-        "train_rows": counts["rows"]["train"],
-        "val_rows": counts["rows"]["val"],
-        "tokens": counts["tokens"],
-        "views": MetadataValue.json(m["views"]),
-        "bytes_per_token_parquet": counts["bytes_per_token"]["parquet"],
-        "bytes_per_token_wds": counts["bytes_per_token"]["wds"],
-        "parquet": MetadataValue.path(art.file_uri("parquet")),
-        "webdataset": MetadataValue.path(art.file_uri("wds")),
-        "codes": MetadataValue.json(m["codes"]),
-        "sanity_psnr_db": sanity["psnr_db"],
-        "tokenizer_psnr_db": round(sanity["tokenizer_psnr_db"], 4),
-        "sanity": png_markdown(art.read_bytes("sanity.png"), "val originals (top), decoded from stored codes"),
-    }
-    return materialized(result, metadata)
+def token_dataset(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+    prof, problems = profile.profile(), {}
+
+    def step(variant: str):
+        result = token_export.export_tokens(prof, variant, store.store(), on_log=context.log.info, progress=False)
+        m, art = result.manifest, result.artifact
+        problems[variant] = checks.token_problems(art)
+        counts, sanity = m["counts"], m["sanity"]
+        return result, {
+            "train_rows": counts["rows"]["train"],
+            "val_rows": counts["rows"]["val"],
+            "tokens": counts["tokens"],
+            "views": MetadataValue.json(m["views"]),
+            "bytes_per_token_parquet": counts["bytes_per_token"]["parquet"],
+            "bytes_per_token_wds": counts["bytes_per_token"]["wds"],
+            "parquet": MetadataValue.path(art.file_uri("parquet")),
+            "webdataset": MetadataValue.path(art.file_uri("wds")),
+            "codes": MetadataValue.json(m["codes"]),
+            "sanity_psnr_db": sanity["psnr_db"],
+            "tokenizer_psnr_db": round(sanity["tokenizer_psnr_db"], 4),
+            "sanity": png_markdown(art.read_bytes("sanity.png"), "val originals (top), decoded from stored codes"),
+        }
+
+    yield per_variant(context, step)
+    yield checks.check_result("tokens_intact", problems)

@@ -153,6 +153,25 @@ class EvalConfig:
 
 
 @dataclass
+class OperationsConfig:
+    retrain_cron: str = "0 3 * * 0"
+    """Cron of the schedule that reruns the whole graph (starts stopped: switch it on in the UI)."""
+    watch_interval_s: int = 300
+    """Seconds between two listings of the source by the new-data sensor."""
+    codebook_usage_floor: float = 0.25
+    """Least fraction of each tokenizer codebook used on val images that the usage check accepts."""
+
+    def validate(self) -> None:
+        fields = self.retrain_cron.split()
+        if len(fields) != 5:
+            raise ConfigError(f"retrain_cron: expected 5 cron fields, got {self.retrain_cron!r}")
+        if self.watch_interval_s < 30:
+            raise ConfigError(f"watch_interval_s: must be >= 30, got {self.watch_interval_s}")
+        if not 0.0 <= self.codebook_usage_floor <= 1.0:
+            raise ConfigError(f"codebook_usage_floor: must be in [0, 1], got {self.codebook_usage_floor}")
+
+
+@dataclass
 class Profile:
     name: str = "custom"
     """Profile name, recorded in every manifest."""
@@ -174,6 +193,8 @@ class Profile:
     """Sampling: guidance schedule, temperatures, top-k/top-p, batch and run seed."""
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation protocol: sample counts, evaluator, reference set, linear probe budget."""
+    operations: OperationsConfig = field(default_factory=OperationsConfig)
+    """Automation and integrity checks: retraining schedule, new-data sensor, check thresholds."""
 
     def validate(self) -> None:
         if self.tokenizer.image_size != self.data.resolution:
@@ -193,6 +214,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
         "version": 1,
         "description": "seconds on 2 cores: a slice of Fashion-MNIST, for tests",
+        # 30 tokenizer steps leave the codebooks barely warmed up: the usage check only catches collapse
+        "operations": {"codebook_usage_floor": 0.1},
         "data": {
             "train": {"limit": 512},
             "val": {"limit": 128},

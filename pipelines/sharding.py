@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from pipelines.config import to_dict
 from pipelines.images import encode_png, grid_png
-from pipelines.profiles import DataConfig, Profile, load_profile
+from pipelines.profiles import SPLITS, DataConfig, Profile, load_profile
 from pipelines.sources import CorruptImage, Item, Source, open_source
 from pipelines.store import Artifact, Store, cache_key
 
@@ -140,6 +140,21 @@ def split_config(data: DataConfig, split: str) -> dict[str, Any]:
     }
 
 
+def shards_key(data: DataConfig, split: str, fingerprint: str) -> str:
+    """Cache key of a split's shards: this asset's config plus the listing fingerprint of its source."""
+    return cache_key(ASSET, CODE_VERSION, split_config(data, split), {"raw_images": fingerprint})
+
+
+def listing_keys(profile: Profile) -> dict[str, str]:
+    """The shards' cache key of every split for the source as listed right now. A new, removed or
+    changed image changes it, so it names one arrival of data (the new-data sensor's run key)."""
+    keys = {}
+    for split in SPLITS:
+        cfg = profile.data.source(split)
+        keys[split] = shards_key(profile.data, split, open_source(cfg.kind, cfg.url, cfg.split).fingerprint())
+    return keys
+
+
 def shard_split(
     profile: Profile,
     split: str,
@@ -158,7 +173,7 @@ def shard_split(
         items = items[: src_cfg.limit]
     config = split_config(data, split)
     fingerprint = source.fingerprint()
-    key = cache_key(ASSET, CODE_VERSION, config, {"raw_images": fingerprint})
+    key = shards_key(data, split, fingerprint)
     artifact = store.artifact(ASSET, key)
     manifest = artifact.manifest()
     if manifest is not None:

@@ -1,4 +1,4 @@
-"""The image_shards asset through real Dagster runs: in-process, the CLI, and the webserver."""
+"""The image_shards asset through real Dagster runs: in-process, the CLI, and the webserver (GraphQL)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 from dagster._core.definitions.observe import observe  # no public equivalent for tests yet
 
-from assets.data import image_shards, raw_images
+from assets.data import data_version, image_shards, raw_images
 from assets.definitions import defs
 from assets.resources import ProfileResource, StoreResource
 
@@ -37,23 +37,41 @@ def test_materialise_both_splits_then_reuse(backend, tmp_path, fashion_mnist, re
                               access_key_id="testing", secret_access_key="testing")
     resources = {"store": store, "profile": ProfileResource(name="tiny")}
     with DagsterInstance.ephemeral() as instance:
-        first = {}
+        result = materialize([image_shards], resources=resources, instance=instance)
+        assert result.success
+        md = _metadata(result)
         for split, n in [("train", 512), ("val", 128)]:
-            result = materialize([image_shards], partition_key=split, resources=resources, instance=instance)
-            assert result.success
-            md = _metadata(result)
-            assert md["samples"] == n and md["corrupt_skipped"] == 0 and md["reused_existing"] is False
-            assert md["preview"].startswith("![") and "data:image/png;base64," in md["preview"]
-            assert md["profile"] == "tiny@1"
-            first[split] = md
-        again = materialize([image_shards], partition_key="train", resources=resources, instance=instance)
-        md = _metadata(again)
-        assert md["reused_existing"] is True and md["cache_key"] == first["train"]["cache_key"]
+            assert md[f"{split}_samples"] == n and md[f"{split}_corrupt_skipped"] == 0
+            assert md[f"{split}_reused_existing"] is False
+            assert md[f"{split}_preview"].startswith("![") and "data:image/png;base64," in md[f"{split}_preview"]
+        assert md["profile"] == "tiny@1" and md["train_cache_key"] != md["val_cache_key"]
+        [check] = result.get_asset_check_evaluations()
+        assert check.check_name == "shards_intact" and check.passed
+        again = _metadata(materialize([image_shards], resources=resources, instance=instance))
+        assert again["train_reused_existing"] is True and again["val_reused_existing"] is True
+        assert again["train_cache_key"] == md["train_cache_key"]
         event = instance.get_latest_materialization_event(image_shards.key)
-        assert event.asset_materialization.tags["dagster/data_version"] == first["train"]["cache_key"]
-    manifest_uri = f"{first['val']['uri']}/_manifest.json"
+        # the data version is derived from the two splits' cache keys alone
+        version = data_version({"train": md["train_cache_key"], "val": md["val_cache_key"]}).value
+        assert event.asset_materialization.tags["dagster/data_version"] == version
+    manifest_uri = f"{md['val_uri']}/_manifest.json"
     manifest = json.loads(store.store().open_url(manifest_uri).read())
     assert manifest["counts"]["samples"] == 128
+
+
+def test_shards_check_fails_on_a_damaged_shard(tmp_path, fashion_mnist):
+    resources = {"store": StoreResource(url=str(tmp_path / "store")), "profile": ProfileResource(name="tiny")}
+    with DagsterInstance.ephemeral() as instance:
+        md = _metadata(materialize([image_shards], resources=resources, instance=instance))
+        shard = sorted(Path(md["val_uri"]).rglob("*.tar"))[0]
+        data = bytearray(shard.read_bytes())
+        data[5000] ^= 0xFF  # same size, other bytes: only the checksum can tell
+        shard.write_bytes(bytes(data))
+        result = materialize([image_shards], resources=resources, instance=instance, raise_on_error=False)
+        [check] = result.get_asset_check_evaluations()
+        assert not check.passed
+        problems = check.metadata["problems"].value
+        assert list(problems) == ["val"] and "sha256 differs" in problems["val"][0] and shard.name in problems["val"][0]
 
 
 def test_raw_images_observation_tracks_new_data(photo_folder):
@@ -78,7 +96,7 @@ def test_raw_images_observation_tracks_new_data(photo_folder):
 def test_bad_profile_fails_before_work_naming_the_field(tmp_path):
     resources = {"store": StoreResource(url=str(tmp_path)), "profile": ProfileResource(name="tiny",
                                                                                           overrides=["data.shard_sise=3"])}
-    result = materialize([image_shards], partition_key="val", resources=resources, raise_on_error=False,
+    result = materialize([image_shards], resources=resources, raise_on_error=False,
                          instance=DagsterInstance.ephemeral())
     assert not result.success
     [failure] = [e for e in result.all_events if e.is_step_failure]
@@ -101,14 +119,14 @@ def _env(tmp_path: Path) -> dict:
 def test_cli_asset_materialize(tmp_path, fashion_mnist):
     env = _env(tmp_path)
     cmd = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "assets.definitions",
-           "--select", "image_shards", "--partition", "val"]
+           "--select", "image_shards"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    [manifest] = (tmp_path / "store" / "image_shards").glob("*/_manifest.json")
-    assert json.loads(manifest.read_text())["counts"]["samples"] == 128
+    manifests = (tmp_path / "store" / "image_shards").glob("*/_manifest.json")
+    assert sorted(json.loads(m.read_text())["counts"]["samples"] for m in manifests) == [128, 512]
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         event = instance.get_latest_materialization_event(image_shards.key)
-        assert event is not None and event.asset_materialization.partition == "val"
+        assert event is not None and event.asset_materialization.metadata["val_samples"].value == 128
 
 
 def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
@@ -147,7 +165,8 @@ def webserver(tmp_path):
 def test_webserver_serves_the_asset_graph(webserver):
     data = _graphql(webserver, "{ assetNodes { assetKey { path } groupName isPartitioned } }")
     nodes = {tuple(n["assetKey"]["path"]): n for n in data["data"]["assetNodes"]}
-    assert nodes[("image_shards",)]["groupName"] == "data" and nodes[("image_shards",)]["isPartitioned"]
+    assert nodes[("image_shards",)]["groupName"] == "data" and not nodes[("image_shards",)]["isPartitioned"]
+    assert nodes[("tokenizer",)]["isPartitioned"]
     assert set(nodes) == {tuple(k.path) for k in defs.resolve_asset_graph().get_all_asset_keys()}
 
 
@@ -157,7 +176,6 @@ def test_ui_launches_a_materialisation_and_reads_its_metadata(webserver, fashion
     params = {
         "selector": {"repositoryLocationName": node["location"]["name"], "repositoryName": node["name"],
                      "jobName": "shard_images"},
-        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "val"}]},
     }
     launch = _graphql(webserver, """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
         __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""", {"p": params})
@@ -175,9 +193,9 @@ def test_ui_launches_a_materialisation_and_reads_its_metadata(webserver, fashion
         time.sleep(1)
     assert status == "SUCCESS"
     mats = _graphql(webserver, """{ assetOrError(assetKey: {path: ["image_shards"]}) { ... on Asset {
-        assetMaterializations(partitions: ["val"]) { partition runId metadataEntries { label
+        assetMaterializations { runId metadataEntries { label
           ... on IntMetadataEntry { intValue } ... on TextMetadataEntry { text } } } } } }""")
     [mat] = mats["data"]["assetOrError"]["assetMaterializations"]
     md = {e["label"]: e.get("intValue", e.get("text")) for e in mat["metadataEntries"]}
-    assert mat["runId"] == run_id and mat["partition"] == "val"
-    assert md["samples"] == 128 and md["cache_key"]
+    assert mat["runId"] == run_id
+    assert md["train_samples"] == 512 and md["val_samples"] == 128 and md["val_cache_key"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,30 +36,48 @@ def _mtimes(root: Path, assets: tuple[str, ...]) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, fashion_mnist):
-    """The whole graph materialised through Dagster on the tiny profile (both variants)."""
+    """The whole graph on the tiny profile (both variants) in one run of the `retrain` job."""
     from assets.definitions import defs
 
     root = tmp_path_factory.mktemp("eval") / "store"
     instance = DagsterInstance.ephemeral()
-    graph = defs.resolve_asset_graph()
-    order = [
-        "image_shards",
-        "tokenizer",
-        "token_dataset",
-        "ar_model",
-        "samples",
-        "reconstruction_metrics",
-        "generation_metrics",
-        "linear_probe",
-        "results_table",
-    ]
-    assets = {a.key.to_user_string(): a for a in defs.assets if hasattr(a, "key")}
-    for name in order:
-        partitions = graph.get(assets[name].key).partitions_def
-        for p in partitions.get_partition_keys() if partitions else [None]:
-            result = materialize([assets[name]], partition_key=p, resources=_resources(root), instance=instance)
-            assert result.success, f"{name}[{p}] failed"
-    return root, instance
+    start = time.perf_counter()
+    result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, resources=_resources(root))
+    assert result.success
+    return root, instance, time.perf_counter() - start
+
+
+def _materialisations(result) -> dict[tuple[str, str | None], dict]:
+    return {
+        (e.asset_key.to_user_string(), e.materialization.partition): {
+            k: v.value for k, v in e.materialization.metadata.items()
+        }
+        for e in result.get_asset_materialization_events()
+    }
+
+
+def test_rerun_of_the_whole_graph_with_nothing_new_trains_nothing(full_run):
+    from assets.definitions import defs
+
+    root, instance, first_seconds = full_run
+    trained = ("tokenizer", "ar_model", "samples", "token_dataset")
+    before = _mtimes(root, trained)
+    start = time.perf_counter()
+    result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, resources=_resources(root))
+    seconds = time.perf_counter() - start
+    assert result.success
+    mats = _materialisations(result)
+    assert len(mats) == 1 + 7 * 2 + 1  # shards, 7 variant assets x 2 partitions, results table
+    for (name, _), md in mats.items():
+        reused = [v for k, v in md.items() if k.endswith("reused_existing")]
+        assert reused and all(reused), name
+    assert _mtimes(root, trained) == before  # no checkpoint, weight or sample file was written
+    # the first run's log has the trainers' checkpoint lines; this one has none
+    first_run = [r for r in instance.get_run_records() if r.dagster_run.run_id != result.run_id][-1].dagster_run
+    assert any("checkpoint" in e.user_message for e in instance.all_logs(first_run.run_id))
+    assert not any("checkpoint" in e.user_message for e in instance.all_logs(result.run_id))
+    assert seconds < 0.5 * first_seconds, (seconds, first_seconds)
+    assert all(c.passed for c in result.get_asset_check_evaluations())
 
 
 def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
@@ -75,7 +94,7 @@ def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
 
 
 def test_evaluation_group_reruns_no_upstream_step_and_reuses_samples(full_run):
-    root, instance = full_run
+    root, instance, _ = full_run
     from assets.definitions import defs
 
     upstream = ("image_shards", "tokenizer", "token_dataset", "ar_model")

@@ -137,26 +137,39 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, fashion_mnist):
     assert result.manifest["counts"]["steps"] == 12
 
 
-def test_tokenizer_asset_both_variants(tmp_path, fashion_mnist):
+def test_tokenizer_asset_both_variants_in_one_run(tmp_path, fashion_mnist):
+    from assets.automation import ALL_VARIANTS
     from assets.data import image_shards
     from assets.resources import ProfileResource, StoreResource
     from assets.tokenizer import tokenizer
 
     resources = {"store": StoreResource(url=str(tmp_path)), "profile": ProfileResource(name="tiny")}
     with DagsterInstance.ephemeral() as instance:
-        for split in ("train", "val"):
-            assert materialize([image_shards], partition_key=split, resources=resources, instance=instance).success
-        psnr = {}
-        for variant in ("baseline", "prologue"):
-            result = materialize([tokenizer], partition_key=variant, resources=resources, instance=instance)
-            assert result.success
-            [mat] = result.get_asset_materialization_events()
-            md = {k: v.value for k, v in mat.materialization.metadata.items()}
+        # one run over both variant partitions: each gets its own materialisation and metadata
+        result = materialize([image_shards, tokenizer], resources=resources, instance=instance, tags=ALL_VARIANTS)
+        assert result.success
+        mats = {
+            e.materialization.partition: {k: v.value for k, v in e.materialization.metadata.items()}
+            for e in result.get_asset_materialization_events()
+            if e.asset_key == tokenizer.key
+        }
+        assert set(mats) == {"baseline", "prologue"} and mats["baseline"]["cache_key"] != mats["prologue"]["cache_key"]
+        for variant, md in mats.items():
             assert md["steps"] == 30 and md["val_images"] == 128
             assert "data:image/png;base64," in md["reconstructions"]
             assert ("prologue_codes_used" in md) == (variant == "prologue")
-            psnr[variant] = md["val_psnr_db"]
-    assert all(v > 0 for v in psnr.values())
+            assert md["val_psnr_db"] > 0
+        checks = {c.check_name: c for c in result.get_asset_check_evaluations() if c.asset_key == tokenizer.key}
+        assert set(checks) == {"weights_finite", "codebook_usage"} and all(c.passed for c in checks.values())
+
+        # the usage floor is a check threshold, not a training setting: same artefact, failed blocking check
+        floor = ProfileResource(name="tiny", overrides=["operations.codebook_usage_floor=0.99"])
+        strict = {**resources, "profile": floor}
+        result = materialize([tokenizer], partition_key="prologue", resources=strict, instance=instance,
+                             raise_on_error=False)
+        assert not result.success
+        [usage] = [c for c in result.get_asset_check_evaluations() if c.check_name == "codebook_usage"]
+        assert not usage.passed and "floor 0.99" in usage.metadata["problems"].value["prologue"][0]
 
 
 def test_dead_code_restart_reseeds_unused_entries():

@@ -1,0 +1,119 @@
+"""Automation: the whole-graph `retrain` job, its schedule, the new-data sensor, the `evaluation`
+job and a run-failure sensor that logs what broke.
+
+The retrain job covers every asset and every variant in one run (the variant assets have a
+single-run backfill policy and loop over the run's partition range), so one arrival of data is
+one run: it re-shards, retrains both tokenizers and AR models, and re-evaluates. Steps whose
+content-derived cache key already exists in the store return at once, so a run with nothing new
+costs seconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dagster import (
+    AssetSelection,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunFailureSensorContext,
+    RunRequest,
+    ScheduleDefinition,
+    SensorEvaluationContext,
+    SkipReason,
+    define_asset_job,
+    run_failure_sensor,
+    sensor,
+)
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from assets.data import data_version, image_shards
+from assets.evaluation import GROUP
+from assets.resources import ProfileResource, StoreResource
+from pipelines import sharding
+from pipelines.profiles import VARIANTS, load_profile
+
+# every variant partition in one run
+ALL_VARIANTS = {ASSET_PARTITION_RANGE_START_TAG: VARIANTS[0], ASSET_PARTITION_RANGE_END_TAG: VARIANTS[-1]}
+LISTING_TAG = "prologue/listing"
+
+retrain_job = define_asset_job(
+    "retrain",
+    selection=AssetSelection.assets(image_shards).downstream(),
+    tags=ALL_VARIANTS,
+    description="The whole graph for every variant in one run: shards, tokenizers, token datasets, AR models, "
+    "evaluation, results table. Unchanged steps are reused from the store.",
+)
+evaluation_job = define_asset_job(
+    "evaluation",
+    selection=AssetSelection.groups(GROUP),
+    tags=ALL_VARIANTS,
+    description="Only the evaluation group (samples, metrics, probe, results table); upstream is read, not rerun.",
+)
+
+
+def _profile():
+    """The profile the definitions are built for (the same default as ProfileResource)."""
+    return load_profile(os.environ.get("PROLOGUE_PROFILE", "fashion32"))
+
+
+retrain_schedule = ScheduleDefinition(
+    name="retrain_schedule",
+    job=retrain_job,
+    cron_schedule=_profile().operations.retrain_cron,
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Periodic rerun of the whole graph (cron: the profile's operations.retrain_cron). Off until "
+    "switched on in the UI; with nothing new in the source every step is reused.",
+)
+
+
+@sensor(
+    job=retrain_job,
+    minimum_interval_seconds=_profile().operations.watch_interval_s,
+    default_status=DefaultSensorStatus.STOPPED,
+    description="Lists the profile's source (folder, S3 prefix, archive) and requests one retrain run per new "
+    "listing whose shards are not yet in the store; the run key is the listing hash.",
+)
+def new_images_sensor(context: SensorEvaluationContext, profile: ProfileResource, store: StoreResource):
+    prof, st = profile.profile(), store.store()
+    keys = sharding.listing_keys(prof)
+    listing = data_version(keys).value
+    if listing == context.cursor:
+        return SkipReason(f"source unchanged since the last tick (listing {listing})")
+    context.update_cursor(listing)
+    missing = [s for s, k in keys.items() if st.artifact(sharding.ASSET, k).manifest() is None]
+    if not missing:
+        return SkipReason(f"listing {listing}: shards already in the store, nothing new to train on")
+    context.log.info(f"new listing {listing}: {', '.join(missing)} not sharded yet; requesting a retrain run")
+    return RunRequest(run_key=f"listing-{listing}", tags={**ALL_VARIANTS, LISTING_TAG: listing})
+
+
+def failure_summary(context: RunFailureSensorContext) -> str:
+    """Which run failed, over which partitions, in which steps, with which error, and what to do."""
+    run = context.dagster_run
+    tags = run.tags
+    scope = tags.get("dagster/partition") or (
+        f"{tags[ASSET_PARTITION_RANGE_START_TAG]}..{tags[ASSET_PARTITION_RANGE_END_TAG]}"
+        if ASSET_PARTITION_RANGE_START_TAG in tags
+        else "unpartitioned"
+    )
+    lines = [f"run {run.run_id} of job {run.job_name} failed (partitions: {scope})"]
+    for event in context.get_step_failure_events():
+        error = event.step_failure_data.error
+        message = error.message.strip().splitlines()[-1] if error else "no error recorded"
+        lines.append(f"  step {event.step_key}: {message}")
+    if len(lines) == 1:
+        lines.append(f"  run-level failure: {context.failure_event.message}")
+    lines.append(
+        "  rerun the same selection: finished steps are reused from the store and training resumes from its "
+        "last store checkpoint"
+    )
+    return "\n".join(lines)
+
+
+@run_failure_sensor(
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Logs a one-screen summary of every failed run: failed steps, their errors, how to resume.",
+)
+def run_failure_summary(context: RunFailureSensorContext) -> None:
+    context.log.error(failure_summary(context))

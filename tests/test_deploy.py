@@ -1,0 +1,148 @@
+"""deploy/dagster.yaml against a real PostgreSQL server and the S3 server: a run's record, its events
+and its compute logs land where the deployment will look for them."""
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from contextlib import closing
+from pathlib import Path
+
+import boto3
+import psycopg2
+import pytest
+from dagster import AssetExecutionContext, DagsterEventType, DagsterInstance, MaterializeResult, asset, materialize
+
+from pipelines.launch import free_port
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+# Characters that must survive the connection URL Dagster builds from the password field.
+PASSWORD = "s3cret:with@odd/chars"
+
+
+def _postgres_bindir() -> Path | None:
+    """The newest Debian PostgreSQL server binaries, else whatever initdb is on PATH."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    initdb = found[-1] if found else shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL server on 127.0.0.1 with a password-protected `dagster` user and database."""
+    bindir = _postgres_bindir()
+    if bindir is None:
+        message = "no PostgreSQL server binaries (initdb); make test installs Debian's postgresql"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    # PostgreSQL refuses to run as root: as root, run the server as the `postgres` system user.
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    # Not under pytest's tmp_path: that lives in a root-only folder the postgres user cannot enter.
+    root = Path(tempfile.mkdtemp(prefix="prologue-pg-"))
+    data, log, pwfile = root / "data", root / "server.log", root / "superuser.pw"
+    pwfile.write_text("superuser-pw\n")
+    if as_owner:
+        for p in (root, pwfile):
+            shutil.chown(p, "postgres", "postgres")
+    port = free_port()
+    pg_ctl = [*as_owner, str(bindir / "pg_ctl"), "-D", str(data)]
+
+    def run(cmd: list[str]) -> None:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            server_log = log.read_text() if log.exists() else ""
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}{server_log}")
+
+    try:
+        initdb = [*as_owner, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}"]
+        run([*initdb, "--auth=scram-sha-256", "--encoding=UTF8", "--no-sync"])
+        # fsync off: a test database need not survive a power cut, and start-up/DDL get faster
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        run([*pg_ctl, "-l", str(log), "-o", options, "-w", "-t", "30", "start"])
+        superuser = {"host": "127.0.0.1", "port": port, "user": "postgres", "password": "superuser-pw"}
+        with closing(psycopg2.connect(**superuser, dbname="postgres")) as admin:
+            admin.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+            with admin.cursor() as cur:
+                cur.execute("CREATE ROLE dagster LOGIN PASSWORD %s", (PASSWORD,))
+                cur.execute("CREATE DATABASE dagster OWNER dagster")
+        yield {"host": "127.0.0.1", "port": port, "user": "dagster", "password": PASSWORD, "dbname": "dagster"}
+    finally:
+        # fast: disconnect any client still open instead of waiting for it
+        subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@asset
+def greeting(context: AssetExecutionContext) -> MaterializeResult:
+    print("stdout line from the deploy test")
+    context.log.info("log line from the deploy test")
+    return MaterializeResult(metadata={"words": 2})
+
+
+@pytest.mark.s3
+def test_deploy_instance_stores_runs_in_postgres_and_compute_logs_in_s3(postgres, s3_endpoint, tmp_path, monkeypatch):
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+    from dagster_aws.s3.compute_log_manager import S3ComputeLogManager
+    from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(DEPLOY / "dagster.yaml", home / "dagster.yaml")
+    bucket, prefix = f"dagster-logs-{uuid.uuid4().hex[:8]}", "compute-logs"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket=bucket)
+    env = {
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_PG_HOST": postgres["host"],
+        "DAGSTER_PG_PORT": str(postgres["port"]),
+        "DAGSTER_PG_USERNAME": postgres["user"],
+        "DAGSTER_PG_PASSWORD": postgres["password"],
+        "DAGSTER_PG_DB": postgres["dbname"],
+        "DAGSTER_COMPUTE_LOG_BUCKET": bucket,
+        "DAGSTER_COMPUTE_LOG_PREFIX": prefix,
+        "AWS_ENDPOINT_URL": s3_endpoint,
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+    with DagsterInstance.get() as instance:
+        assert isinstance(instance.run_storage, PostgresRunStorage)
+        assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
+        assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
+        assert isinstance(instance.compute_log_manager, S3ComputeLogManager)
+        assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+        queue = instance.get_concurrency_config().run_queue_config
+        assert queue is not None
+        assert {"key": "prologue/gpu", "value": "true", "limit": 1} in queue.tag_concurrency_limits
+        result = materialize([greeting], instance=instance, tags={"prologue/gpu": "true"})
+        assert result.success
+        run_id = result.run_id
+
+    # Read back through a separate SQL connection: what the webserver and daemon would see.
+    with closing(psycopg2.connect(**postgres)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT status FROM runs WHERE run_id = %s", (run_id,))
+        assert cur.fetchall() == [("SUCCESS",)]
+        cur.execute("SELECT value FROM run_tags WHERE run_id = %s AND key = 'prologue/gpu'", (run_id,))
+        assert cur.fetchall() == [("true",)]
+        cur.execute(
+            "SELECT dagster_event_type, asset_key FROM event_logs WHERE run_id = %s AND dagster_event_type IS NOT NULL",
+            (run_id,),
+        )
+        events = cur.fetchall()
+    kinds = [kind for kind, _ in events]
+    assert (DagsterEventType.ASSET_MATERIALIZATION.value, '["greeting"]') in events
+    # the stored names of run events are the legacy ones (RUN_START is stored as PIPELINE_START)
+    for kind in (DagsterEventType.RUN_START, DagsterEventType.STEP_SUCCESS, DagsterEventType.RUN_SUCCESS):
+        assert kinds.count(kind.value) == 1, f"{kind.value} in {kinds}"
+
+    # The step's stdout and stderr were uploaded when the capture ended (the last upload is synchronous).
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/storage/{run_id}/")
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    out = [k for k in keys if k.endswith(".out")]
+    err = [k for k in keys if k.endswith(".err")]
+    assert len(out) == 1 and len(err) == 1, keys
+    assert "stdout line from the deploy test" in s3.get_object(Bucket=bucket, Key=out[0])["Body"].read().decode()
+    assert "log line from the deploy test" in s3.get_object(Bucket=bucket, Key=err[0])["Body"].read().decode()
