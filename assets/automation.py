@@ -35,19 +35,21 @@ from pipelines.profiles import VARIANTS, load_profile
 
 # every variant partition in one run
 ALL_VARIANTS = {ASSET_PARTITION_RANGE_START_TAG: VARIANTS[0], ASSET_PARTITION_RANGE_END_TAG: VARIANTS[-1]}
+# runs that take the machine's GPUs; deploy/dagster.yaml queues them one at a time
+GPU = {"prologue/gpu": "true"}
 LISTING_TAG = "prologue/listing"
 
 retrain_job = define_asset_job(
     "retrain",
     selection=AssetSelection.assets(image_shards).downstream(),
-    tags=ALL_VARIANTS,
+    tags={**ALL_VARIANTS, **GPU},
     description="The whole graph for every variant in one run: shards, tokenizers, token datasets, AR models, "
     "evaluation, results table. Unchanged steps are reused from the store.",
 )
 evaluation_job = define_asset_job(
     "evaluation",
     selection=AssetSelection.groups(GROUP),
-    tags=ALL_VARIANTS,
+    tags={**ALL_VARIANTS, **GPU},
     description="Only the evaluation group (samples, metrics, probe, results table); upstream is read, not rerun.",
 )
 
@@ -85,7 +87,7 @@ def new_images_sensor(context: SensorEvaluationContext, profile: ProfileResource
     if not missing:
         return SkipReason(f"listing {listing}: shards already in the store, nothing new to train on")
     context.log.info(f"new listing {listing}: {', '.join(missing)} not sharded yet; requesting a retrain run")
-    return RunRequest(run_key=f"listing-{listing}", tags={**ALL_VARIANTS, LISTING_TAG: listing})
+    return RunRequest(run_key=f"listing-{listing}", tags={**ALL_VARIANTS, **GPU, LISTING_TAG: listing})
 
 
 def failure_summary(context: RunFailureSensorContext) -> str:
@@ -100,7 +102,9 @@ def failure_summary(context: RunFailureSensorContext) -> str:
     lines = [f"run {run.run_id} of job {run.job_name} failed (partitions: {scope})"]
     for event in context.get_step_failure_events():
         error = event.step_failure_data.error
-        message = error.message.strip().splitlines()[-1] if error else "no error recorded"
+        while error is not None and error.cause is not None:  # past Dagster's wrapper to the user error
+            error = error.cause
+        message = error.message.strip() if error else "no error recorded"
         lines.append(f"  step {event.step_key}: {message}")
     if len(lines) == 1:
         lines.append(f"  run-level failure: {context.failure_event.message}")

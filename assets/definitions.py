@@ -3,7 +3,7 @@
 from dagster import Definitions, PipesSubprocessClient, define_asset_job
 
 from assets.ar import ar_model
-from assets.automation import evaluation_job, new_images_sensor, retrain_job, retrain_schedule, run_failure_summary
+from assets.automation import GPU, evaluation_job, new_images_sensor, retrain_job, retrain_schedule, run_failure_summary
 from assets.data import image_shards, raw_images
 from assets.evaluation import generation_metrics, linear_probe, reconstruction_metrics, results_table, samples
 from assets.resources import ProfileResource, StoreResource
@@ -13,9 +13,9 @@ from assets.tokens import token_dataset
 # one job per stage, for rerunning a stage by hand (partitions chosen in the launchpad)
 stage_jobs = [
     define_asset_job("shard_images", selection=[image_shards]),
-    define_asset_job("train_tokenizers", selection=[tokenizer]),
-    define_asset_job("export_tokens", selection=[token_dataset]),
-    define_asset_job("train_ar_models", selection=[ar_model]),
+    define_asset_job("train_tokenizers", selection=[tokenizer], tags=GPU),
+    define_asset_job("export_tokens", selection=[token_dataset], tags=GPU),
+    define_asset_job("train_ar_models", selection=[ar_model], tags=GPU),
 ]
 
 defs = Definitions(

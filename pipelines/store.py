@@ -47,10 +47,20 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def default_storage_options(url: str) -> dict[str, Any]:
-    """S3 options from the environment; listing caches off so other processes' writes are seen."""
+    """S3 options from the environment; listing caches off so other processes' writes are seen.
+
+    Transient errors (connection refused or reset, timeouts, 5xx, throttling) are retried by
+    botocore's standard mode: exponential backoff with jitter (about 1, 2, 4, ... s, at most 20 s
+    apart) for PROLOGUE_S3_ATTEMPTS attempts in all (default 10: an outage of about a minute is
+    ridden out), on top of s3fs's own short retries of interrupted reads.
+    """
     if not url.startswith(("s3://", "s3a://")):
         return {}
-    opts: dict[str, Any] = {"use_listings_cache": False}
+    attempts = int(os.environ.get("PROLOGUE_S3_ATTEMPTS", "10"))
+    opts: dict[str, Any] = {
+        "use_listings_cache": False,
+        "config_kwargs": {"retries": {"mode": "standard", "max_attempts": attempts}, "connect_timeout": 10},
+    }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
