@@ -19,10 +19,7 @@ ui: setup
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: setup
-	$(PY) bench/sharding.py --json bench/results/sharding.json
-	$(PY) bench/ar_engine.py --json bench/results/ar_engine.json
-	$(PY) bench/token_reader.py --json bench/results/token_reader.json
-	$(PY) bench/sampler.py --json bench/results/sampler.json
+	$(PY) bench/run_all.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

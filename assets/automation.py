@@ -10,8 +10,6 @@ costs seconds.
 
 from __future__ import annotations
 
-import os
-
 from dagster import (
     AssetSelection,
     DefaultScheduleStatus,
@@ -29,12 +27,13 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from assets.data import data_version, image_shards
 from assets.evaluation import GROUP
-from assets.resources import ProfileResource, StoreResource
+from assets.resources import ProfileResource, StoreResource, default_profile
+from assets.tokenizer import variant_partitions
 from pipelines import sharding
-from pipelines.profiles import VARIANTS, load_profile
 
 # every variant partition in one run
-ALL_VARIANTS = {ASSET_PARTITION_RANGE_START_TAG: VARIANTS[0], ASSET_PARTITION_RANGE_END_TAG: VARIANTS[-1]}
+_variants = variant_partitions.get_partition_keys()
+ALL_VARIANTS = {ASSET_PARTITION_RANGE_START_TAG: _variants[0], ASSET_PARTITION_RANGE_END_TAG: _variants[-1]}
 # runs that take the machine's GPUs; deploy/dagster.yaml queues them one at a time
 GPU = {"prologue/gpu": "true"}
 LISTING_TAG = "prologue/listing"
@@ -54,15 +53,10 @@ evaluation_job = define_asset_job(
 )
 
 
-def _profile():
-    """The profile the definitions are built for (the same default as ProfileResource)."""
-    return load_profile(os.environ.get("PROLOGUE_PROFILE", "fashion32"))
-
-
 retrain_schedule = ScheduleDefinition(
     name="retrain_schedule",
     job=retrain_job,
-    cron_schedule=_profile().operations.retrain_cron,
+    cron_schedule=default_profile().operations.retrain_cron,
     default_status=DefaultScheduleStatus.STOPPED,
     description="Periodic rerun of the whole graph (cron: the profile's operations.retrain_cron). Off until "
     "switched on in the UI; with nothing new in the source every step is reused.",
@@ -71,7 +65,7 @@ retrain_schedule = ScheduleDefinition(
 
 @sensor(
     job=retrain_job,
-    minimum_interval_seconds=_profile().operations.watch_interval_s,
+    minimum_interval_seconds=default_profile().operations.watch_interval_s,
     default_status=DefaultSensorStatus.STOPPED,
     description="Lists the profile's source (folder, S3 prefix, archive) and requests one retrain run per new "
     "listing whose shards are not yet in the store; the run key is the listing hash.",

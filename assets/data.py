@@ -52,15 +52,22 @@ def materialized(result: StepResult, metadata: dict) -> MaterializeResult:
     return MaterializeResult(metadata=metadata, data_version=data_version({"": result.artifact.key}))
 
 
-def per_variant(context: AssetExecutionContext, step: Callable[[str], tuple[StepResult, dict]]) -> MaterializeResult:
+def per_variant(
+    context: AssetExecutionContext, step: Callable[[str], tuple[StepResult | list[StepResult], dict]]
+) -> MaterializeResult:
     """Run `step(variant)` for every variant partition of this run (one, or all of them when the
     run covers a partition range: the retrain job does) and attach each result's metadata to its
-    own partition's materialisation."""
+    own partition's materialisation. A step may return several results (one per sampling run):
+    the first one's URI and cache key are shown, all of them make the data version."""
     keys = {}
     for variant in context.partition_keys:
-        result, metadata = step(variant)
-        context.add_asset_metadata(step_metadata(result, metadata), partition_key=variant)
-        keys[variant] = result.artifact.key
+        results, metadata = step(variant)
+        results = results if isinstance(results, list) else [results]
+        metadata = step_metadata(results[0], metadata)
+        if len(results) > 1:
+            metadata["artefacts"] = MetadataValue.json([r.artifact.uri for r in results])
+        context.add_asset_metadata(metadata, partition_key=variant)
+        keys[variant] = data_version({str(i): r.artifact.key for i, r in enumerate(results)}).value
     return MaterializeResult(data_version=data_version(keys))
 
 

@@ -7,17 +7,14 @@ results table is printed and copied into the README between its `results:<profil
 """
 
 import os
-import re
 import sys
-from pathlib import Path
 
 from dagster import DagsterInstance
 from dagster._core.definitions.observe import observe  # observing source assets has no public API
 
 from assets.data import raw_images
 from assets.definitions import defs
-
-README = Path(__file__).resolve().parents[1] / "README.md"
+from pipelines.results import README, copy_into_readme
 
 # (asset, metadata keys worth a line on the terminal), in dependency order
 STEPS: list[tuple[str, tuple[str, ...]]] = [
@@ -31,18 +28,6 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("linear_probe", ("top1_prologue", "top1_first_visual", "top1_all_visual", "seconds")),
     ("results_table", ("seconds",)),
 ]
-
-
-def copy_into_readme(profile: str, table: str) -> bool:
-    """Replace the text between `<!-- results:<profile> -->` and `<!-- /results -->` in the README."""
-    if not README.exists():
-        return False
-    text = README.read_text()
-    pattern = re.compile(rf"(<!-- results:{re.escape(profile)} -->\n).*?(<!-- /results -->)", re.S)
-    if not pattern.search(text):
-        return False
-    README.write_text(pattern.sub(lambda m: m.group(1) + table + m.group(2), text))
-    return True
 
 
 def main() -> int:
@@ -77,7 +62,7 @@ def main() -> int:
     print("\n==> results")
     print("\n".join(summary))
     print(f"\n==> results table ({profile.name})\n{table}")
-    if copy_into_readme(profile.name, table):
+    if copy_into_readme(f"results:{profile.name}", table):
         print(f"(copied into {README})")
     print(f"Dagster instance: {os.environ.get('DAGSTER_HOME')} (run {result.run_id})")
     print("Open the UI with `make ui` and browse http://127.0.0.1:3000 (Assets: metadata, grids, curves, tables).")

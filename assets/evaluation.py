@@ -31,14 +31,19 @@ def samples(context: AssetExecutionContext, store: StoreResource, profile: Profi
     prof, problems = profile.profile(), {}
 
     def step(variant: str):
-        result = sampling.generate_samples(prof, variant, store.store(), on_log=context.log.info, progress=False)
+        runs = [  # one sample set per sampling run (seed), each checked against the protocol
+            sampling.generate_samples(p, variant, store.store(), on_log=context.log.info, progress=False)
+            for p in sampling.seeded_profiles(prof)
+        ]
+        problems[variant] = [p for r in runs for p in sampling.protocol_problems(r.artifact, r.manifest, prof)]
+        result = runs[0]
         m, art = result.manifest, result.artifact
-        problems[variant] = sampling.protocol_problems(art, m, prof)
         metadata = {
             "samples_cfg": m["counts"]["samples"]["cfg"],
             "samples_nocfg": m["counts"]["samples"]["nocfg"],
             "per_class": prof.evaluation.samples_per_class,
             "sampler": MetadataValue.json(m["config"]["sampler"]),
+            "sampling_runs": len(runs),
             "seed_rule": m["seed_rule"],
             "grid_cfg": png_markdown(art.read_bytes("grid_cfg.png"), "with guidance: 8 samples per class (rows)"),
             "grid_nocfg": png_markdown(art.read_bytes("grid_nocfg.png"), "without guidance: 8 samples per class"),
@@ -48,7 +53,7 @@ def samples(context: AssetExecutionContext, store: StoreResource, profile: Profi
                 art.read_bytes("resample_visual.png"),
                 "first column: a sample; the rest keep its prologue, new visual tokens",
             )
-        return result, metadata
+        return runs, metadata
 
     yield per_variant(context, step)
     yield checks.check_result("sampling_protocol", problems)

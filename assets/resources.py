@@ -36,6 +36,12 @@ class StoreResource(ConfigurableResource):
         return Store(self.url or None, options)
 
 
+def default_profile() -> Profile:
+    """The profile the code location is built for ($PROLOGUE_PROFILE, else fashion32): its variants
+    are the partitions, its operations section sets the schedule and sensor."""
+    return load_profile(os.environ.get("PROLOGUE_PROFILE", "fashion32"))
+
+
 class ProfileResource(ConfigurableResource):
     """The experiment profile (see pipelines/profiles.py) with optional field overrides."""
 

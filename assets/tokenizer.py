@@ -12,11 +12,10 @@ from dagster import (
 
 from assets import checks
 from assets.data import image_shards, per_variant, png_markdown
-from assets.resources import ProfileResource, StoreResource
+from assets.resources import ProfileResource, StoreResource, default_profile
 from pipelines import train_tokenizer
-from pipelines.profiles import VARIANTS
 
-variant_partitions = StaticPartitionsDefinition(list(VARIANTS))
+variant_partitions = StaticPartitionsDefinition(default_profile().variants)
 # a run may cover every variant (the retrain job): each asset then loops over its partitions
 ONE_RUN = BackfillPolicy.single_run()
 

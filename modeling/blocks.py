@@ -78,11 +78,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        """mask: optional bool [T, T], True where query row t may attend to key column s."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [B, H, T, d]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, H, T, d]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)  # [B, H, T, d]
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -96,8 +97,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(dim)
         self.mlp = MLP(dim, 4 * dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -110,9 +111,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, causal) for _ in range(depth))
         self.norm = RMSNorm(dim)
 
-    def forward(self, x: Tensor, angles: Tensor) -> Tensor:
+    def forward(self, x: Tensor, angles: Tensor, mask: Tensor | None = None) -> Tensor:
         assert angles.shape == (x.shape[1], self.head_dim // 2), f"angles {tuple(angles.shape)} for x {tuple(x.shape)}"
         cos, sin = angles.cos(), angles.sin()  # once per forward, shared by all blocks
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, mask)
         return self.norm(x)

@@ -28,7 +28,10 @@ def ema_with_warmup(decay: float):
         n = float(num_averaged)
         weight = 1 - min(decay, (1 + n) / (10 + n))
         for e, p in zip(ema_params, params, strict=True):
-            e.lerp_(p.to(e.dtype), weight)  # the EMA may be kept in float32 beside bf16 weights
+            if e.is_floating_point():
+                e.lerp_(p.to(e.dtype), weight)  # the EMA may be kept in float32 beside bf16 weights
+            else:  # integer/bool buffers (attention masks) are copied, not averaged
+                e.copy_(p)
 
     return update
 

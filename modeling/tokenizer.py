@@ -59,6 +59,9 @@ class TokenizerConfig:
     """Joint AR prior attention heads."""
     visual_dropout: float = 0.5
     """Fraction of samples whose visual inputs to the joint AR prior are all replaced by EOS."""
+    post_hoc: bool = False
+    """Prologue-Post: patch tokens do not attend to the queries, so the visual path is exactly the
+    2D tokenizer's; only the prologue path (queries, prologue quantizer, prior) is trained on top."""
 
     @property
     def grid(self) -> int:
@@ -87,6 +90,8 @@ class TokenizerConfig:
                 raise ConfigError(f"{heads}: {width} {w} / {heads} {h} must be a whole head dim divisible by {mult}")
         if self.z_len < 0:
             raise ConfigError(f"z_len: must be >= 0, got {self.z_len}")
+        if self.post_hoc and self.z_len == 0:
+            raise ConfigError("post_hoc: a prologue path needs z_len > 0")
         if self.prologue_temperature <= 0:
             raise ConfigError(f"prologue_temperature: must be > 0, got {self.prologue_temperature}")
         if self.beta < 0:
@@ -108,6 +113,11 @@ class Encoder(nn.Module):
         head_dim, n = cfg.width // cfg.heads, cfg.num_patches
         angles = torch.cat([grid_rope(cfg.grid, head_dim), rope_1d(torch.arange(n, n + cfg.z_len), head_dim)])
         self.register_buffer("angles", angles, persistent=False)  # [N + Z, head_dim/2]
+        mask = None
+        if cfg.post_hoc and cfg.z_len:  # rows: who attends; patches see only patches, queries see all
+            mask = torch.ones(n + cfg.z_len, n + cfg.z_len, dtype=torch.bool)
+            mask[:n, n:] = False
+        self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images [B, C, H, W] -> patch outputs [B, N, width], query outputs [B, Z, width] (Z may be 0)."""
@@ -115,7 +125,7 @@ class Encoder(nn.Module):
         n = x.shape[1]
         if self.z_len:
             x = torch.cat([x, self.queries.expand(x.shape[0], -1, -1)], dim=1)  # [B, N + Z, width]
-        x = self.transformer(x, self.angles)
+        x = self.transformer(x, self.angles, self.mask)
         return x[:, :n], x[:, n:]
 
 

@@ -99,6 +99,10 @@ class TokenizerTrainConfig:
             raise ConfigError("perceptual_weights: a local VGG16 weights file is needed when perceptual_weight > 0")
 
 
+# parameters of the prologue path: the only ones Prologue-Post trains on top of a frozen 2D tokenizer
+PROLOGUE_PATH = ("encoder.queries", "prologue_quantizer.")
+
+
 def to_unit(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, C, H, W] -> float in [-1, 1]."""
     return images.float().div(127.5).sub(1)
@@ -112,10 +116,22 @@ class TokenizerTrainer:
         device: torch.device,
         rank: int = 0,
         distributed: bool = False,
+        base: dict[str, torch.Tensor] | None = None,
     ):
+        """base: the trained 2D tokenizer's weights, required for (and only for) post_hoc configs:
+        loaded and frozen, so that only the prologue path trains."""
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.cfg, self.model_cfg, self.device = cfg, model_cfg, device
         self.tokenizer = Tokenizer(model_cfg).to(device)
+        if model_cfg.post_hoc != (base is not None):
+            raise ValueError("post_hoc training needs the 2D tokenizer's weights (base), and only it takes them")
+        if base is not None:
+            missing, unexpected = self.tokenizer.load_state_dict(base, strict=False)
+            new = {k for k in missing if k.startswith(PROLOGUE_PATH)}
+            if unexpected or set(missing) != new:
+                raise ValueError(f"base weights do not fit: missing {sorted(set(missing) - new)}, extra {unexpected}")
+            for name, p in self.tokenizer.named_parameters():
+                p.requires_grad_(name.startswith(PROLOGUE_PATH))
         self.prior = JointPrior(model_cfg).to(device) if model_cfg.z_len > 0 else None
         self.disc = PatchDiscriminator(model_cfg.channels).to(device)
         self.perceptual = PerceptualLoss(cfg.perceptual_weights).to(device) if cfg.perceptual_weight > 0 else None
@@ -126,13 +142,14 @@ class TokenizerTrainer:
         self.disc_dp = wrap(self.disc)
         aux = list(self.disc.parameters()) + (list(self.prior.parameters()) if self.prior is not None else [])
         adamw = dict(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        self.opt = torch.optim.AdamW(self.tokenizer.parameters(), lr=cfg.lr, **adamw)
+        trainable = [p for p in self.tokenizer.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, **adamw)
         self.opt_aux = torch.optim.AdamW(aux, lr=cfg.aux_lr, **adamw)
         schedule = lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
         self.sched_aux = torch.optim.lr_scheduler.LambdaLR(self.opt_aux, schedule)
         self.restarters = {}
-        if cfg.restart_dead_codes_every:
+        if cfg.restart_dead_codes_every and not model_cfg.post_hoc:
             self.restarters["visual"] = DeadCodeRestarter(self.tokenizer.visual_quantizer, cfg.restart_dead_codes_every)
         self.restart_rng = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
@@ -142,7 +159,8 @@ class TokenizerTrainer:
     def train_step(self, images: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
         x = to_unit(images.to(self.device, non_blocking=True))
-        gan_on = self.step >= cfg.gan_start
+        post = self.model_cfg.post_hoc  # the visual path is frozen: the prior's CE is the whole loss
+        gan_on = self.step >= cfg.gan_start and not post
         stats: dict[str, float] = {}
 
         # step 1: encoder + decoder; prior and discriminator frozen (used unwrapped, no DDP sync)
@@ -152,7 +170,7 @@ class TokenizerTrainer:
         recon, enc = self.tokenizer_dp(x)
         l1 = (recon - x).abs().mean()
         l2 = F.mse_loss(recon, x)
-        loss = l1 + cfg.l2_weight * l2 + enc.visual.loss
+        loss = torch.zeros((), device=x.device) if post else l1 + cfg.l2_weight * l2 + enc.visual.loss
         stats.update(
             l1=l1.item(),
             l2=l2.item(),
@@ -160,7 +178,7 @@ class TokenizerTrainer:
             visual_usage=float(enc.visual.usage),
             visual_perplexity=float(enc.visual.perplexity),
         )
-        if self.perceptual is not None:
+        if self.perceptual is not None and not post:
             perc = self.perceptual(recon, x)
             loss = loss + cfg.perceptual_weight * perc
             stats["perceptual"] = perc.item()
@@ -182,7 +200,7 @@ class TokenizerTrainer:
             )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        stats["grad_norm"] = self._clip(self.tokenizer.parameters())
+        stats["grad_norm"] = self._clip(p for g in self.opt.param_groups for p in g["params"])
         self.opt.step()
         self.sched.step()
         self.ema.update_parameters(self.tokenizer)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from pipelines.profiles import VARIANTS, load_profile
+from pipelines.profiles import load_profile
 from pipelines.store import Store
 
 
@@ -39,7 +39,7 @@ def variant_step_main(
     w.add_argument("--storage-options", default="{}")
     w.add_argument("--no-progress", action="store_true")
     parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
-    parser.add_argument("--variant", choices=VARIANTS, action="append", help="variant(s) to run (default: all)")
+    parser.add_argument("--variant", action="append", help="variant(s) to run (default: the profile's variants)")
     parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--no-progress", action="store_true")
@@ -49,7 +49,7 @@ def variant_step_main(
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     profile, store = load_profile(args.profile, args.overrides), Store(args.store)
-    for variant in args.variant or VARIANTS:
+    for variant in args.variant or profile.variants:
         r = step(profile, variant, store, on_log=print, progress=not args.no_progress)
         done = "(cached)" if r.cached else f"in {r.seconds:.0f}s"
         print(f"{variant}: {summary(r.manifest)} {done} -> {r.artifact.uri}")

@@ -68,6 +68,13 @@ def validate(obj: Any, path: str = "") -> None:
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
+    if typing.get_origin(tp) is list:  # a JSON list, or "a,b,c" from a command-line override
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        raise ConfigError(f"{path}: expected a list, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
             return value

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.profiles import VARIANTS, Profile, load_profile
-from pipelines.sampling import GUIDANCE, generate_samples
+from pipelines.profiles import Profile, load_profile
+from pipelines.sampling import GUIDANCE, generate_samples, seeded_profiles
 from pipelines.shard_reader import image_dataset, image_loader
 from pipelines.store import Artifact, StepResult, Store, cache_key
 from pipelines.token_export import export_tokens
@@ -236,28 +236,45 @@ def reconstruction_metrics(profile: Profile, variant: str, store: Store, on_log=
 def generation_metrics(profile: Profile, variant: str, store: Store, on_log=log.info) -> StepResult:
     """gFD, KID, precision/recall and IS-style score of the samples, with and without guidance."""
     start = time.perf_counter()
-    samples = generate_samples(profile, variant, store, on_log=on_log, progress=False)
+    runs = seeded_profiles(profile)
+    sets = [generate_samples(p, variant, store, on_log=on_log, progress=False) for p in runs]
+    samples = sets[0]
     tok_key = samples.manifest["lineage"]["tokenizer"]
     val_key = store.artifact("tokenizer", tok_key).manifest()["lineage"]["image_shards/val"]
     val = store.artifact("image_shards", val_key)
     refs = {e: reference_stats(profile, store, val, e, w, on_log) for e, w in evaluators(profile).items()}
     ev = profile.evaluation
+    seeds = [p.sampler.seed for p in runs]
     inputs = {"samples": samples.artifact.key} | {f"reference_stats/{e}": r.artifact.key for e, r in refs.items()}
+    inputs |= {f"samples/seed{s}": r.artifact.key for s, r in zip(seeds[1:], sets[1:], strict=True)}
     artifact, manifest = _cached(store, "generation_metrics", {}, inputs, on_log)
     if manifest is not None:
         return StepResult(artifact, manifest, True, time.perf_counter() - start)
-    metrics: dict[str, Any] = {g: {} for g in GUIDANCE}
+    per_seed: dict[int, dict[str, Any]] = {s: {g: {} for g in GUIDANCE} for s in seeds}
     for e, w in evaluators(profile).items():
         reference, embed = load_reference(refs[e].artifact), Embedder(e, w)
+        for seed, sample_set in zip(seeds, sets, strict=True):
+            for g in GUIDANCE:
+                rels = sample_set.manifest["layout"][g]
+                sub = {"shards": rels, "files": {r: sample_set.manifest["files"][r] for r in rels}}
+                images = image_dataset(sample_set.artifact, sub, rank=0, world_size=1)
+                batches = (torch.stack([im for im, _ in chunk]) for chunk in _chunks(images, ev.feature_batch))
+                pool, logits = embed(batches)
+                per_seed[seed][g] |= set_metrics(pool, logits, reference, e) | {"samples": len(pool)}
+    for seed in seeds:
         for g in GUIDANCE:
-            rels = samples.manifest["layout"][g]
-            sub = {"shards": rels, "files": {r: samples.manifest["files"][r] for r in rels}}
-            images = image_dataset(samples.artifact, sub, rank=0, world_size=1)
-            batches = (torch.stack([im for im, _ in chunk]) for chunk in _chunks(images, ev.feature_batch))
-            pool, logits = embed(batches)
-            metrics[g] |= set_metrics(pool, logits, reference, e) | {"samples": len(pool)}
-    for g in GUIDANCE:
-        on_log(f"{g}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics[g].items()))
+            on_log(f"seed {seed} {g}: " + ", ".join(f"{k}={v:.4g}" for k, v in per_seed[seed][g].items()))
+    metrics: dict[str, Any] = dict(per_seed[seeds[0]])  # the first run's figures, as with one run
+    if len(seeds) > 1:  # mean and spread (sample std) of every figure over the runs
+        metrics["seeds"] = seeds
+        metrics["per_seed"] = {str(s): m for s, m in per_seed.items()}
+        metrics["over_seeds"] = {
+            g: {
+                k: {"mean": float(np.mean(v := [per_seed[s][g][k] for s in seeds])), "std": float(np.std(v, ddof=1))}
+                for k in per_seed[seeds[0]][g]
+            }
+            for g in GUIDANCE
+        }
     main = refs[ev.evaluator].manifest
     metrics |= {
         "reference": "val",
@@ -346,14 +363,14 @@ STEPS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
-    parser.add_argument("--variant", choices=VARIANTS, action="append", help="variant(s) (default: all)")
+    parser.add_argument("--variant", action="append", help="variant(s) (default: the profile's variants)")
     parser.add_argument("--step", choices=list(STEPS), action="append", help="step(s) (default: all)")
     parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     profile, store = load_profile(args.profile, args.overrides), Store(args.store)
-    for variant in args.variant or VARIANTS:
+    for variant in args.variant or profile.variants:
         for name in args.step or STEPS:
             r = STEPS[name](profile, variant, store, on_log=print)
             print(f"{name}[{variant}]: {json.dumps(r.manifest['metrics'])[:400]} -> {r.artifact.uri}")

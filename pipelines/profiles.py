@@ -8,6 +8,7 @@ or value fails here, before any work starts, with a `ConfigError` that names the
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from pipelines.config import ConfigError, from_dict, merge, parse_overrides
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SOURCE_KINDS = ("idx", "folder", "ilsvrc_tar", "kaggle_zip")
 SPLITS = ("train", "val")
-VARIANTS = ("baseline", "prologue")  # baseline: the same tokenizer with z_len = 0 and no joint prior
+VARIANTS = ("baseline", "prologue")  # the default comparison; a profile may list more (see variant_tokenizer)
 
 
 @dataclass
@@ -139,9 +140,13 @@ class EvalConfig:
     """Images per feature-extractor forward pass."""
     probe_steps: int = 300
     """Full-batch L-BFGS iterations of the linear probe (its fixed budget)."""
+    sampling_runs: int = 1
+    """Independent sample sets per variant (sampler seeds seed, seed+1, ...); generation metrics
+    are reported as mean ± std over them when > 1."""
 
     def validate(self) -> None:
-        for name in ("samples_per_class", "sample_shard_size", "processes", "feature_batch", "probe_steps"):
+        for name in ("samples_per_class", "sample_shard_size", "processes", "feature_batch", "probe_steps",
+                     "sampling_runs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.evaluator not in EVALUATORS:
@@ -179,6 +184,9 @@ class Profile:
     """Bumped whenever a named profile's settings change."""
     description: str = ""
     """One line on what the profile is for."""
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    """Tokenizer variants compared (partitions of every variant asset): baseline, prologue,
+    prologue_post (Prologue-Post) and prologue_z<N> (the prologue variant with N prologue tokens)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Raw images and sharding."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -197,6 +205,13 @@ class Profile:
     """Automation and integrity checks: retraining schedule, new-data sensor, check thresholds."""
 
     def validate(self) -> None:
+        if not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ConfigError(f"variants: need one or more distinct names, got {self.variants}")
+        for v in self.variants:
+            try:
+                variant_tokenizer(self.tokenizer, v)
+            except ConfigError as e:
+                raise ConfigError(f"variants: {e}") from None
         if self.tokenizer.image_size != self.data.resolution:
             raise ConfigError(
                 f"tokenizer.image_size: {self.tokenizer.image_size} differs from data.resolution "
@@ -204,10 +219,26 @@ class Profile:
             )
 
     def tokenizer_for(self, variant: str) -> TokenizerConfig:
-        """The tokenizer config of one variant."""
-        if variant not in VARIANTS:
-            raise ConfigError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
-        return replace(self.tokenizer, z_len=0) if variant == "baseline" else self.tokenizer
+        """The tokenizer config of one of the profile's variants."""
+        if variant not in self.variants:
+            raise ConfigError(f"variant: {variant!r} is not one of this profile's {', '.join(self.variants)}")
+        return variant_tokenizer(self.tokenizer, variant)
+
+
+def variant_tokenizer(prologue: TokenizerConfig, variant: str) -> TokenizerConfig:
+    """A variant's tokenizer config from the prologue variant's: `baseline` (z_len = 0, no joint
+    prior), `prologue`, `prologue_post` (the baseline frozen, a prologue path trained on top) or
+    `prologue_z<N>` (N prologue tokens)."""
+    if variant == "baseline":
+        return replace(prologue, z_len=0)
+    if variant == "prologue":
+        return prologue
+    if variant == "prologue_post":
+        return replace(prologue, post_hoc=True)
+    m = re.fullmatch(r"prologue_z([1-9]\d*)", variant)
+    if m:
+        return replace(prologue, z_len=int(m.group(1)))
+    raise ConfigError(f"variant: {variant!r} is not baseline, prologue, prologue_post or prologue_z<N>")
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -357,6 +388,19 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 
+
+# The small-scale reproduction of the paper's comparison: fashion32's settings unchanged (so the
+# baseline and prologue artefacts are shared with `make demo`), plus Prologue-Post, the prologue
+# variant with 2 and 8 prologue tokens, and three sampling runs per variant for mean ± spread.
+PROFILES["fashion32-full"] = merge(
+    PROFILES["fashion32"],
+    {
+        "version": 1,
+        "description": "the paper's comparison at small scale: fashion32 + Prologue-Post + z_len 2/8, 3 sampling runs",
+        "variants": ["baseline", "prologue", "prologue_post", "prologue_z2", "prologue_z8"],
+        "evaluation": {"sampling_runs": 3},
+    },
+)
 
 def load_profile(name_or_path: str, overrides: list[str] | dict[str, Any] | None = None) -> Profile:
     """A named profile (or a JSON file of one) with dotted `field=value` overrides applied."""

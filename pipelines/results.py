@@ -10,15 +10,17 @@ import argparse
 import io
 import logging
 import os
+import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.evaluate import _cached, generation_metrics, linear_probe, reconstruction_metrics
-from pipelines.profiles import VARIANTS, Profile, load_profile
+from pipelines.profiles import Profile, load_profile
 from pipelines.store import StepResult, Store
 from pipelines.train_ar import train_ar
 from pipelines.train_tokenizer import train_tokenizer
@@ -26,6 +28,18 @@ from pipelines.train_tokenizer import train_tokenizer
 ASSET = "results_table"
 CODE_VERSION = "1"
 log = logging.getLogger(__name__)
+
+
+def _generation_columns(ev: str) -> list[tuple[str, str, str]]:
+    """(row column, guidance, metric key) of the generation figures in a results row."""
+    return [
+        (f"gfd_{ev}_cfg", "cfg", f"fd_{ev}"),
+        (f"gfd_{ev}_nocfg", "nocfg", f"fd_{ev}"),
+        (f"is_{ev}_cfg", "cfg", f"is_{ev}_mean"),
+        (f"is_{ev}_nocfg", "nocfg", f"is_{ev}_mean"),
+        (f"precision_{ev}_cfg", "cfg", f"precision_{ev}"),
+        (f"recall_{ev}_cfg", "cfg", f"recall_{ev}"),
+    ]
 
 
 def _row(profile: Profile, variant: str, store: Store, on_log) -> tuple[dict[str, Any], dict[str, str]]:
@@ -36,16 +50,22 @@ def _row(profile: Profile, variant: str, store: Store, on_log) -> tuple[dict[str
     probe = linear_probe(profile, variant, store, on_log).manifest["metrics"]
     ev = profile.evaluation.evaluator
     probe_on = "prologue" if "prologue" in probe else "first_visual"
+    spread = {}  # sample std over sampling runs, when there are several
+    if "over_seeds" in gen:
+        spread = {
+            f"{name}_std": gen["over_seeds"][g][key]["std"]
+            for name, g, key in _generation_columns(ev)
+        }
+        gen = {g: {k: v["mean"] for k, v in gen["over_seeds"][g].items()} for g in ("cfg", "nocfg")} | {
+            k: v for k, v in gen.items() if k not in ("cfg", "nocfg")
+        }
     row = {
         "variant": variant,
         f"rfd_{ev}": rec[f"rfd_{ev}"],
         "psnr_db": rec["psnr_db"],
-        f"gfd_{ev}_cfg": gen["cfg"][f"fd_{ev}"],
-        f"gfd_{ev}_nocfg": gen["nocfg"][f"fd_{ev}"],
-        f"is_{ev}_cfg": gen["cfg"][f"is_{ev}_mean"],
-        f"is_{ev}_nocfg": gen["nocfg"][f"is_{ev}_mean"],
-        f"precision_{ev}_cfg": gen["cfg"][f"precision_{ev}"],
-        f"recall_{ev}_cfg": gen["cfg"][f"recall_{ev}"],
+        **{name: gen[g][key] for name, g, key in _generation_columns(ev)},
+        **spread,
+        "sampling_runs": len(gen.get("seeds", [0])),
         **(
             {
                 "rfid_inception": rec["rfid_inception"],
@@ -57,7 +77,7 @@ def _row(profile: Profile, variant: str, store: Store, on_log) -> tuple[dict[str
             else {}
         ),
         "probe_top1": probe[probe_on]["top1"],
-        "probe_tokens": f"{probe_on} ({profile.tokenizer.z_len} tokens)",
+        "probe_tokens": f"{probe_on} ({profile.tokenizer_for(variant).z_len or profile.tokenizer.z_len} tokens)",
         "probe_all_visual_top1": probe["all_visual"]["top1"],
         "tokenizer_steps": tok.manifest["counts"]["steps"],
         "ar_parameters": ar.manifest["counts"]["parameters"],
@@ -85,14 +105,19 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+
+        def pm(key: str, digits: int = 2, r=r) -> str:  # value, with ± std over sampling runs if any
+            std = r.get(f"{key}_std")
+            return f"{r[key]:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
         cells = [
             r["variant"],
             f"{r[f'rfd_{ev}']:.2f}",
             f"{r['psnr_db']:.2f}",
-            f"{r[f'gfd_{ev}_cfg']:.2f}",
-            f"{r[f'gfd_{ev}_nocfg']:.2f}",
-            f"{r[f'is_{ev}_cfg']:.2f}",
-            f"{r[f'precision_{ev}_cfg']:.3f} / {r[f'recall_{ev}_cfg']:.3f}",
+            pm(f"gfd_{ev}_cfg"),
+            pm(f"gfd_{ev}_nocfg"),
+            pm(f"is_{ev}_cfg"),
+            f"{pm(f'precision_{ev}_cfg', 3)} / {pm(f'recall_{ev}_cfg', 3)}",
             f"{100 * r['probe_top1']:.1f}% ({r['probe_tokens']})",
             f"{r['ar_parameters'] / 1e6:.2f}M",
             f"{r['tokenizer_steps']} / {r['ar_steps']}",
@@ -100,7 +125,9 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     r = rows[0]
     lines.append(
-        f"\n{r['samples_per_guidance']} samples per guidance setting and variant; reference: the first "
+        f"\n{r['samples_per_guidance']} samples per guidance setting and variant"
+        + (f" in each of {r['sampling_runs']} sampling runs (mean ± sample std)" if r["sampling_runs"] > 1 else "")
+        + "; reference: the first "
         f"{r['reference_images']} val images (stats sha256 {r['reference_sha256']}…); evaluator {ev} "
         "(EfficientNet-Lite0 features, not InceptionV3: these are not FID/IS values)."
     )
@@ -109,9 +136,10 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
 
 def results_table(profile: Profile, store: Store, *, on_log=log.info) -> StepResult:
     start = time.perf_counter()
-    built = [_row(profile, v, store, on_log) for v in VARIANTS]
+    variants = profile.variants
+    built = [_row(profile, v, store, on_log) for v in variants]
     rows = [r for r, _ in built]
-    inputs = {f"{k}/{v}": key for (_, keys), v in zip(built, VARIANTS, strict=True) for k, key in keys.items()}
+    inputs = {f"{k}/{v}": key for (_, keys), v in zip(built, variants, strict=True) for k, key in keys.items()}
     ev = profile.evaluation.evaluator
     config = {"rows": rows}  # the numbers themselves: a changed metric is a new table
     artifact, manifest = _cached(store, ASSET, config, inputs, on_log)
@@ -126,7 +154,7 @@ def results_table(profile: Profile, store: Store, *, on_log=log.info) -> StepRes
     }
     manifest = artifact.commit(
         files,
-        config={"variants": list(VARIANTS)},
+        config={"variants": list(variants)},
         lineage=inputs,
         code_version=CODE_VERSION,
         rows=rows,
@@ -150,3 +178,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def copy_into_readme(block: str, text: str, readme: Path = README) -> bool:
+    """Replace what stands between `<!-- <block> -->` and the next `<!-- /...` marker in the README
+    (generated tables: results by the demo, benchmark figures by bench/run_all.py)."""
+    if not readme.exists():
+        return False
+    content = readme.read_text()
+    pattern = re.compile(rf"(<!-- {re.escape(block)} -->\n).*?(<!-- /)", re.S)
+    if not pattern.search(content):
+        return False
+    readme.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), content, count=1))
+    return True

@@ -64,6 +64,15 @@ def tasks(num_classes: int, per_class: int, shard_size: int) -> list[tuple[str, 
     return out
 
 
+def seeded_profiles(profile: Profile) -> list[Profile]:
+    """One profile per sampling run: the sampler seed, then seed + 1, ... (evaluation.sampling_runs)."""
+    first = profile.sampler.seed
+    return [
+        replace(profile, sampler=replace(profile.sampler, seed=first + i))
+        for i in range(profile.evaluation.sampling_runs)
+    ]
+
+
 def generate_samples(
     profile: Profile, variant: str, store: Store, *, on_log: Callable[[str], None] = log.info, progress: bool = True
 ) -> StepResult:

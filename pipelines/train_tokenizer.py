@@ -47,6 +47,9 @@ def train_tokenizer(
     shards = {s: shard_split(profile, s, store, progress=progress, on_log=on_log) for s in SPLITS}
     config = {"variant": variant, "model": to_dict(model_cfg), "train": _train_config(profile)}
     inputs = {f"image_shards/{s}": r.artifact.key for s, r in shards.items()}
+    if model_cfg.post_hoc:  # Prologue-Post: the prologue path is trained on top of the trained 2D tokenizer
+        base = train_tokenizer(profile, "baseline", store, on_log=on_log, progress=progress)
+        inputs[f"{ASSET}/baseline"] = base.artifact.key
     artifact = store.artifact(ASSET, cache_key(ASSET, CODE_VERSION, config, inputs))
     manifest = artifact.manifest()
     if manifest is not None:
@@ -57,7 +60,8 @@ def train_tokenizer(
         "variant": variant,
         "model": config["model"],
         "train": to_dict(profile.tokenizer_train),
-        "shards": inputs,
+        "shards": {k: v for k, v in inputs.items() if k.startswith("image_shards/")},
+        "base": inputs.get(f"{ASSET}/baseline"),
         "profile": f"{profile.name}@{profile.version}",
     }
     spec_record = artifact.put_bytes("spec.json", json.dumps(spec, indent=1).encode())
@@ -138,7 +142,12 @@ def worker(store: Store, key: str, progress: bool) -> None:
     spec = json.loads(artifact.read_bytes("spec.json"))
     model_cfg = from_dict(TokenizerConfig, spec["model"])
     cfg = from_dict(TokenizerTrainConfig, spec["train"])
-    trainer = TokenizerTrainer(model_cfg, cfg, device, rank=rank, distributed=world > 1)
+    base = None
+    if spec.get("base"):  # the frozen 2D tokenizer under a Prologue-Post prologue path (EMA weights)
+        from safetensors.torch import load
+
+        base = load(store.artifact(ASSET, spec["base"]).read_bytes("model/tokenizer.safetensors"))
+    trainer = TokenizerTrainer(model_cfg, cfg, device, rank=rank, distributed=world > 1, base=base)
     shards = {name.split("/")[1]: store.artifact("image_shards", k) for name, k in spec["shards"].items()}
 
     history: list[dict] = []

@@ -224,3 +224,27 @@ def test_inception_metrics_only_with_a_configured_weights_file(full_run, tmp_pat
     assert m["rfid_inception"] > 0 and "recon_is_inception_mean" in m and m["images"] == 32
     assert m["rfd_effnetlite0"] == plain.manifest["metrics"]["rfd_effnetlite0"]  # same reference, same number
     assert set(m["references"]) == {"effnetlite0", "inception"}
+
+
+def test_sampling_runs_report_mean_and_spread(full_run):
+    from pipelines.evaluate import generation_metrics
+    from pipelines.results import results_table
+
+    store = Store(str(full_run[0]))
+    one, two = load_profile("tiny"), load_profile("tiny", ["evaluation.sampling_runs=2"])
+    seed = one.sampler.seed
+    first = generation_metrics(one, "baseline", store)
+    r = generation_metrics(two, "baseline", store)
+    assert first.cached and not r.cached
+    m = r.manifest["metrics"]
+    assert m["seeds"] == [seed, seed + 1] and m["cfg"] == first.manifest["metrics"]["cfg"]
+    a, b = (m["per_seed"][str(s)]["nocfg"]["fd_effnetlite0"] for s in m["seeds"])
+    assert a != b  # another seed, another sample set
+    spread = m["over_seeds"]["nocfg"]["fd_effnetlite0"]
+    assert spread["mean"] == pytest.approx((a + b) / 2) and spread["std"] == pytest.approx(abs(a - b) / 2**0.5)
+    table = results_table(two, store)
+    [row] = [x for x in pq.read_table(io.BytesIO(table.artifact.read_bytes("results.parquet"))).to_pylist()
+             if x["variant"] == "baseline"]
+    assert row["sampling_runs"] == 2 and row["gfd_effnetlite0_nocfg"] == pytest.approx(spread["mean"])
+    md = table.artifact.read_bytes("results.md").decode()
+    assert " ± " in md and "in each of 2 sampling runs (mean ± sample std)" in md

@@ -333,3 +333,23 @@ def test_perceptual_loss(vgg_weights, tmp_path):
     assert value.item() > 0 and a.grad.abs().sum() > 0
     with pytest.raises(FileNotFoundError, match="VGG16 weights"):
         PerceptualLoss(str(tmp_path / "missing.pth"))
+
+
+def test_post_hoc_encoder_keeps_the_2d_visual_path():
+    """Prologue-Post: patch tokens do not see the queries, so with the 2D tokenizer's weights the
+    visual codes are exactly the 2D tokenizer's, whatever the queries are."""
+    base = Tokenizer(tiny(z_len=0)).eval()
+    post = Tokenizer(tiny(post_hoc=True)).eval()
+    missing, unexpected = post.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("encoder.queries", "prologue_quantizer.")) for k in missing)
+    x = images()
+    with torch.no_grad():
+        codes = post.encode(x).visual.codes
+        assert torch.equal(codes, base.encode(x).visual.codes)
+        post.encoder.queries.normal_()
+        assert torch.equal(post.encode(x).visual.codes, codes)
+        joint = Tokenizer(tiny())  # without post_hoc, patches attend to the queries
+        joint.load_state_dict(post.state_dict())
+        assert not torch.allclose(joint.encoder(x)[0], post.encoder(x)[0])
+    with pytest.raises(ConfigError, match="post_hoc: a prologue path needs z_len > 0"):
+        Tokenizer(tiny(z_len=0, post_hoc=True))

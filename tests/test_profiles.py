@@ -35,6 +35,9 @@ def test_partial_override_keeps_nested_defaults():
         (["noequals"], "expected dotted.field=value"),
         (["data.resolution=64"], "tokenizer.image_size: 32 differs from data.resolution 64"),
         (["tokenizer.patch_size=5"], "tokenizer.patch_size: 5 does not divide image_size 32"),
+        (["variants=baseline,prolog"], "variants: variant: 'prolog' is not baseline, prologue"),
+        (["variants=baseline,baseline"], "variants: need one or more distinct names"),
+        (["evaluation.sampling_runs=0"], "evaluation.sampling_runs: must be >= 1"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):
@@ -57,3 +60,19 @@ def test_every_field_has_a_docstring(cls):
     docs = field_docs(cls)
     assert set(docs) == {f.name for f in dataclasses.fields(cls)}
     assert all(len(d) > 10 for d in docs.values())
+
+
+def test_variants_map_to_tokenizer_configs_and_full_shares_fashion32():
+    p = load_profile("tiny", ["variants=baseline,prologue,prologue_post,prologue_z8"])
+    assert p.variants == ["baseline", "prologue", "prologue_post", "prologue_z8"]
+    assert p.tokenizer_for("baseline").z_len == 0 and p.tokenizer_for("prologue_z8").z_len == 8
+    post = p.tokenizer_for("prologue_post")
+    assert post.post_hoc and post.z_len == p.tokenizer.z_len
+    with pytest.raises(ConfigError, match="not one of this profile's"):
+        load_profile("tiny").tokenizer_for("prologue_post")
+    full, demo = load_profile("fashion32-full"), load_profile("fashion32")
+    # same training settings: the baseline and prologue artefacts of `make demo` are reused
+    assert (full.data, full.tokenizer, full.tokenizer_train, full.tokens, full.ar_train, full.sampler) == (
+        demo.data, demo.tokenizer, demo.tokenizer_train, demo.tokens, demo.ar_train, demo.sampler
+    )
+    assert full.evaluation.sampling_runs == 3 and "prologue_post" in full.variants

@@ -191,3 +191,28 @@ def test_dead_code_restart_reseeds_unused_entries():
     sims = torch.nn.functional.normalize(q.codebook.weight[sorted(changed)], dim=-1) @ out.projected.flatten(0, 1).T
     assert (sims.max(1).values > 0.99).all()
     assert restarter.counts.sum() == 0
+
+
+def test_prologue_post_trains_only_the_prologue_path(tmp_path, fashion_mnist):
+    from safetensors.torch import load
+
+    from pipelines.train_tokenizer import load_tokenizer
+
+    profile = load_profile("tiny", ["variants=baseline,prologue_post"])
+    store = Store(str(tmp_path))
+    post = train_tokenizer(profile, "prologue_post", store, progress=False)
+    base = train_tokenizer(profile, "baseline", store, progress=False)
+    assert base.cached and post.manifest["lineage"]["tokenizer/baseline"] == base.artifact.key
+    base_w = load(base.artifact.read_bytes("model/tokenizer.safetensors"))
+    post_w = load(post.artifact.read_bytes("model/tokenizer.safetensors"))
+    for name, tensor in base_w.items():  # the whole 2D tokenizer is unchanged, bit for bit
+        assert torch.equal(post_w[name], tensor), name
+    new = set(post_w) - set(base_w)
+    assert new and all(k.startswith(("encoder.queries", "prologue_quantizer.")) for k in new)
+    m_base, m_post = base.manifest["metrics"], post.manifest["metrics"]
+    assert m_post["psnr_db"] == pytest.approx(m_base["psnr_db"], abs=1e-4)  # same visual codes, same decoder
+    assert m_post["prologue_codes"]["fraction_used"] > 0
+    history = [json.loads(line) for line in post.artifact.read_bytes("history.jsonl").decode().splitlines()]
+    assert history[-1]["prior_ce_visual"] < history[0]["prior_ce_visual"]  # the prior learns on top
+    tok = load_tokenizer(post.artifact)  # a tokenizer artefact like any other, downstream steps load it
+    assert tok.cfg.post_hoc and tok.encoder.mask is not None
