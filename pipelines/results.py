@@ -83,7 +83,7 @@ def _row(profile: Profile, variant: str, store: Store, on_log) -> tuple[dict[str
         "ar_parameters": ar.manifest["counts"]["parameters"],
         "ar_steps": ar.manifest["counts"]["steps"],
         "ar_val_ce_visual": ar.manifest["metrics"]["val_ce_visual"],
-        "samples_per_guidance": gen["cfg"]["samples"],
+        "samples_per_guidance": int(gen["cfg"]["samples"]),
         "reference_images": gen["reference_images"],
         "reference_sha256": gen["reference_sha256"][:12],
     }
