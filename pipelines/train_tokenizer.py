@@ -45,7 +45,10 @@ def train_tokenizer(
     start = time.perf_counter()
     model_cfg = profile.tokenizer_for(variant)
     shards = {s: shard_split(profile, s, store, progress=progress, on_log=on_log) for s in SPLITS}
-    config = {"variant": variant, "model": to_dict(model_cfg), "train": _train_config(profile)}
+    model = to_dict(model_cfg)
+    if not model_cfg.post_hoc:  # absent before Prologue-Post existed: other tokenizers keep their cache keys
+        del model["post_hoc"]
+    config = {"variant": variant, "model": model, "train": _train_config(profile)}
     inputs = {f"image_shards/{s}": r.artifact.key for s, r in shards.items()}
     if model_cfg.post_hoc:  # Prologue-Post: the prologue path is trained on top of the trained 2D tokenizer
         base = train_tokenizer(profile, "baseline", store, on_log=on_log, progress=progress)
