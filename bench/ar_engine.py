@@ -12,9 +12,7 @@ noise hits both. Prints training tokens/s of each and the engine's overhead.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from bench.common import machine, save_json
 from modeling.ar_model import ARModel
 from modeling.ar_trainer import ARTrainConfig, ARTrainer, model_config
 from modeling.optim import decay_groups, lr_lambda
@@ -102,8 +101,7 @@ def measure(size: str = "fashion32", batch: int = 64, steps: int = 20, rounds: i
         "workload": f"AR {size} ({engine.model.num_params() / 1e6:.2f}M params), batch {batch} x "
         f"{engine.model_cfg.seq_len} tokens, {rounds} x {steps} steps each, "
         f"{'bf16 on ' + torch.cuda.get_device_name() if engine.bf16 and cuda else 'fp32 on CPU'}",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}",
+        "machine": machine(threads=True),
         "deepspeed_tokens_per_s": round(rate["deepspeed"], 1),
         "plain_pytorch_tokens_per_s": round(rate["plain"], 1),
         "deepspeed_overhead": round(1 - rate["deepspeed"] / rate["plain"], 4),
@@ -123,9 +121,7 @@ def main() -> int:
     print(f"{'DeepSpeed engine':<24}{r['deepspeed_tokens_per_s']:>12.0f}")
     print(f"{'plain PyTorch':<24}{r['plain_pytorch_tokens_per_s']:>12.0f}")
     print(f"engine overhead: {100 * r['deepspeed_overhead']:.1f}%  ({r['workload']}; {r['machine']})")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
+    save_json(args.json, r)
     return 0
 
 

@@ -12,9 +12,6 @@ in memory. The two alternate in rounds so that machine noise hits both. Prints i
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 
+from bench.common import machine, save_json
 from pipelines.evaluate import Embedder, _val_images
 from pipelines.profiles import load_profile
 from pipelines.sharding import shard_split
@@ -55,8 +52,7 @@ def main() -> int:
     rows = {
         "workload": f"{args.images} Fashion-MNIST val images (32x32 PNG shards) -> EfficientNet-Lite0 at 224x224, "
         f"batch {args.batch}, best of {args.rounds} alternating rounds",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch threads {torch.get_num_threads()}",
+        "machine": machine(threads=True),
         "end_to_end_images_per_s": round(e2e, 1),
         "network_only_images_per_s": round(net, 1),
         "end_to_end_fraction": round(e2e / net, 3),
@@ -65,8 +61,7 @@ def main() -> int:
     print(f"{'shards -> decode -> resize -> embed':<40}{e2e:>12.1f}")
     print(f"{'network only (decoded in memory)':<40}{net:>12.1f}")
     print(f"end to end runs at {e2e / net:.1%} of the network's speed ({rows['workload']}; {rows['machine']})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    save_json(args.json, rows)
     return 0
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from bench.common import save_json
 from modeling.ar_trainer import ARTrainConfig, ARTrainer, model_config
 from pipelines.launch import free_port
 
@@ -80,8 +81,7 @@ def main() -> int:
         "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
     }
     print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    save_json(args.json, result)
     return 0
 
 

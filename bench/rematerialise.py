@@ -11,9 +11,6 @@ and reuses it; the benchmark checks that every materialisation says so and that 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,6 +21,7 @@ from dagster import DagsterInstance, PipesSubprocessClient
 
 from assets.definitions import defs
 from assets.resources import ProfileResource, StoreResource
+from bench.common import machine, save_json
 
 
 def _run(resources: dict, instance) -> tuple[float, list[bool]]:
@@ -61,15 +59,14 @@ def main() -> int:
     rows = {
         "workload": f"`retrain` job on the {args.profile} profile (whole graph, both variants, "
         f"{len(reused_again)} materialisations), in process",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "first_run_s": round(first, 1),
         "cached_run_s": round(cached, 1),
         "speedup": round(first / cached, 1),
     }
     print(f"first run {first:.1f} s, rerun with nothing changed {cached:.1f} s: {first / cached:.1f}x faster, "
           f"every step reused ({rows['workload']}; {rows['machine']})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    save_json(args.json, rows)
     return 0
 
 

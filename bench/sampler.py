@@ -13,9 +13,6 @@ speed-up is below 5x.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from bench.common import machine, save_json
 from modeling.ar_model import AR_SIZES, ARConfig, ARModel
 from modeling.sampler import SamplerConfig, sample, sample_no_cache, sample_seeds
 
@@ -60,8 +58,7 @@ def measure(size: str = "fashion32", batch: int = 64, rounds: int = 2) -> dict:
         "workload": f"AR {size} ({model.num_params() / 1e6:.2f}M params, random init), batch {batch} x "
         f"{model.T} tokens, split CFG ({2 * batch} rows per forward), {rounds} rounds each, fp32 on "
         f"{torch.cuda.get_device_name() if cuda else 'CPU'}",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}",
+        "machine": machine(threads=True),
         "kv_cache_sequences_per_s": round(sequences / seconds["kv_cache"], 2),
         "no_cache_sequences_per_s": round(sequences / seconds["no_cache"], 2),
         "kv_cache_tokens_per_s": round(sequences * model.T / seconds["kv_cache"], 1),
@@ -82,9 +79,7 @@ def main() -> int:
     print(f"{'KV cache':<24}{r['kv_cache_sequences_per_s']:>14.1f}{r['kv_cache_tokens_per_s']:>12.0f}")
     print(f"{'no cache (recompute)':<24}{r['no_cache_sequences_per_s']:>14.1f}{r['no_cache_tokens_per_s']:>12.0f}")
     print(f"KV-cache speed-up: {r['speedup']:.1f}x  ({r['workload']}; {r['machine']})")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
+    save_json(args.json, r)
     if r["speedup"] < MIN_SPEEDUP:
         print(f"FAIL: speed-up below {MIN_SPEEDUP}x", file=sys.stderr)
         return 1

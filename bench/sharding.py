@@ -10,9 +10,7 @@ Both variants produce byte-identical shards (checked). Prints images/s and the s
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import uuid
@@ -20,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import machine, save_json
 from pipelines.profiles import load_profile
 from pipelines.sharding import shard_split
 from pipelines.store import Store
@@ -48,7 +47,7 @@ def main() -> int:
     assert files1 == files2, "parallel and single-process shards differ"
     rows = {
         "workload": f"{args.images} Fashion-MNIST images -> 32x32 PNG, shards of 1000",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "single_process_images_per_s": round(single, 1),
         f"parallel_{args.workers}_workers_images_per_s": round(parallel, 1),
         "speedup": round(parallel / single, 2),
@@ -57,8 +56,7 @@ def main() -> int:
     print(f"{'single process':<28}{single:>12.0f}")
     print(f"{f'parallel, {args.workers} workers':<28}{parallel:>12.0f}")
     print(f"speed-up: {parallel / single:.2f}x  ({rows['workload']}; {rows['machine']})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    save_json(args.json, rows)
     return 0
 
 

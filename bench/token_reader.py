@@ -13,9 +13,6 @@ fashion32 model (bench/ar_engine.py). Prints tokens/s and the ratio; the reader 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
+from bench.common import machine, save_json
 from pipelines.store import Store
 from pipelines.token_export import _write_parquet, _write_wds
 from pipelines.token_reader import token_loader
@@ -86,7 +84,7 @@ def main() -> int:
         "workload": f"{args.rows} rows x {Z + N} tokens, uniform random codes (bytes/token: "
         + ", ".join(f"{fmt} {b / args.rows / (Z + N):.2f}" for fmt, b in size.items())
         + "); 1 loader worker, batch 64, shuffled",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "parquet_tokens_per_s": round(rates["parquet"]),
         "wds_tokens_per_s": round(rates["wds"]),
         "trainer_tokens_per_s": round(trainer),
@@ -98,9 +96,7 @@ def main() -> int:
     print(f"{'token reader, WebDataset':<34}{rates['wds']:>14,.0f}{r['wds_ratio']:>10.1f}x")
     print(f"{'AR trainer (DeepSpeed, fashion32)':<34}{trainer:>14,.0f}{1:>10.1f}x")
     print(f"({r['workload']}; {r['machine']})")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
+    save_json(args.json, r)
     return 0 if min(r["parquet_ratio"], r["wds_ratio"]) >= 20 else 1
 
 

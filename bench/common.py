@@ -1,0 +1,21 @@
+"""What every benchmark script shares: the machine line of its figures and their JSON file."""
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def machine(threads: bool = False) -> str:
+    """CPU kind and core count (and torch's thread count, for compute-bound benchmarks)."""
+    line = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return line + (f", torch threads {torch.get_num_threads()}" if threads else "")
+
+
+def save_json(path: str, figures: dict) -> None:
+    """Write the figures where bench/run_all.py (or the person) asked; nothing when path is empty."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(figures, indent=1) + "\n")
