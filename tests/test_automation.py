@@ -130,3 +130,31 @@ def test_run_failure_summary_names_the_step_and_the_error(tmp_path, capfd):
     assert f"run {result.run_id} of job __ephemeral_asset_job__ failed" in text
     assert "step image_shards: FileNotFoundError: folder source: no 'val' folder under" in text
     assert "resumes from its last store checkpoint" in text
+
+
+@pytest.mark.s3
+def test_sensor_watches_an_s3_prefix(tmp_path, fashion_mnist, s3_endpoint):
+    """The same sensor on a class-folder tree under an S3 prefix: one request per new listing."""
+    import s3fs
+
+    local = tmp_path / "incoming"
+    _write_pngs(local, fashion_mnist, "train", 3)
+    _write_pngs(local, fashion_mnist, "val", 1)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, use_listings_cache=False)
+    prefix = f"prologue-test/incoming-{tmp_path.name}"
+    fs.put(str(local) + "/", prefix, recursive=True)
+    url = f"s3://{prefix}"
+    overrides = [f"data.{s}.{k}" for s in ("train", "val") for k in ("kind=folder", f"url={url}")]
+    resources = {"store": StoreResource(url=str(tmp_path / "store")),
+                 "profile": ProfileResource(name="tiny", overrides=overrides)}
+
+    first = new_images_sensor.evaluate_tick(build_sensor_context(resources=resources))
+    [request] = first.run_requests  # nothing sharded yet: the data present is new to the store
+    assert request.run_key == f"listing-{first.cursor}"
+    same = new_images_sensor.evaluate_tick(build_sensor_context(resources=resources, cursor=first.cursor))
+    assert same.run_requests == [] and "unchanged" in same.skip_message
+    png = next(local.rglob("*.png"))
+    fs.put(str(png), f"{prefix}/train/class0/arrived-later.png")
+    later = new_images_sensor.evaluate_tick(build_sensor_context(resources=resources, cursor=first.cursor))
+    [request] = later.run_requests
+    assert later.cursor != first.cursor and request.run_key == f"listing-{later.cursor}"
