@@ -209,6 +209,26 @@ class Artifact:
                 done[os.path.basename(p)[: -len(".json")]] = record
         return done
 
+    def commit_trained(
+        self,
+        files: Mapping[str, FileRecord | Mapping[str, Any]],
+        *,
+        counts: tuple[str, ...] = ("steps",),
+        recorded: tuple[str, ...] = ("metrics", "checkpoints"),
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Commit what a training subprocess recorded in its `final` part (its files, the `recorded`
+        fields and the `counts`) together with `files`; fails if it exited without that part."""
+        final = self.parts().get("final")
+        if final is None:
+            raise RuntimeError(f"{self.uri}: the training subprocess exited without its final outputs")
+        return self.commit(
+            {**final["files"], **files},
+            counts={k: final[k] for k in counts},
+            **{k: final[k] for k in recorded},
+            **fields,
+        )
+
     def commit(self, files: Mapping[str, FileRecord | Mapping[str, Any]], **fields: Any) -> dict[str, Any]:
         """Write the manifest (last, atomically): this is what makes the artefact exist."""
         manifest = {

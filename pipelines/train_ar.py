@@ -90,19 +90,14 @@ def train_ar(
     else:
         runner(argv, env)
 
-    final = artifact.parts().get("final")
-    if final is None:
-        raise RuntimeError(f"{artifact.uri}: the training subprocess exited without its final outputs")
-    manifest = artifact.commit(
-        {**final["files"], "spec.json": spec_record},
+    manifest = artifact.commit_trained(
+        {"spec.json": spec_record},
+        counts=("steps", "parameters"),
+        recorded=("metrics", "checkpoints", "deepspeed"),
         profile=spec["profile"],
         config=config,
         lineage=inputs,
         code_version=CODE_VERSION,
-        metrics=final["metrics"],
-        checkpoints=final["checkpoints"],
-        deepspeed=final["deepspeed"],
-        counts={"steps": final["steps"], "parameters": final["parameters"]},
     )
     return StepResult(artifact, manifest, False, time.perf_counter() - start)
 

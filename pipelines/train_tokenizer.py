@@ -71,18 +71,8 @@ def train_tokenizer(
     args = worker_args(store, artifact.key, progress)
     launch("pipelines.train_tokenizer", args, profile.tokenizer_train.processes, on_line=on_log)
 
-    final = artifact.parts().get("final")
-    if final is None:
-        raise RuntimeError(f"{artifact.uri}: the training subprocess exited without its final outputs")
-    manifest = artifact.commit(
-        {**final["files"], "spec.json": spec_record},
-        profile=spec["profile"],
-        config=config,
-        lineage=inputs,
-        code_version=CODE_VERSION,
-        metrics=final["metrics"],
-        checkpoints=final["checkpoints"],
-        counts={"steps": final["steps"]},
+    manifest = artifact.commit_trained(
+        {"spec.json": spec_record}, profile=spec["profile"], config=config, lineage=inputs, code_version=CODE_VERSION
     )
     return StepResult(artifact, manifest, False, time.perf_counter() - start)
 

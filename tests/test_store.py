@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from pipelines.store import MANIFEST, Store, cache_key
 
 
@@ -57,6 +59,22 @@ def test_parts_survive_for_resume_only_when_intact(store: Store, tmp_path):
     done = store.artifact("thing", "k3").parts()
     assert sorted(done) == ["p0", "p2"]
     assert done["p2"]["samples"] == 2
+
+
+def test_commit_trained_takes_the_workers_final_part(store: Store):
+    art = store.artifact("thing", "k4")
+    with pytest.raises(RuntimeError, match="exited without its final outputs"):
+        art.commit_trained({})  # the worker died before recording it
+    assert art.manifest() is None
+    weights = art.put_bytes("weights.bin", b"w" * 8)
+    art.record_part(
+        "final", {"files": {"weights.bin": weights.__dict__}, "steps": 7, "metrics": {"l": 0.5}, "checkpoints": []}
+    )
+    spec = art.put_bytes("spec.json", b"{}")
+    m = art.commit_trained({"spec.json": spec}, config={"a": 1})
+    assert sorted(m["files"]) == ["spec.json", "weights.bin"]
+    assert m["counts"] == {"steps": 7} and m["metrics"] == {"l": 0.5} and m["config"] == {"a": 1}
+    assert art.verify(checksums=True) == []
 
 
 def test_store_pickles_to_the_same_location(store: Store):
