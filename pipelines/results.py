@@ -26,7 +26,7 @@ from pipelines.train_ar import train_ar
 from pipelines.train_tokenizer import train_tokenizer
 
 ASSET = "results_table"
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 log = logging.getLogger(__name__)
 
 
@@ -52,10 +52,7 @@ def _row(profile: Profile, variant: str, store: Store, on_log) -> tuple[dict[str
     probe_on = "prologue" if "prologue" in probe else "first_visual"
     spread = {}  # sample std over sampling runs, when there are several
     if "over_seeds" in gen:
-        spread = {
-            f"{name}_std": gen["over_seeds"][g][key]["std"]
-            for name, g, key in _generation_columns(ev)
-        }
+        spread = {f"{name}_std": gen["over_seeds"][g][key]["std"] for name, g, key in _generation_columns(ev)}
         gen = {g: {k: v["mean"] for k, v in gen["over_seeds"][g].items()} for g in ("cfg", "nocfg")} | {
             k: v for k, v in gen.items() if k not in ("cfg", "nocfg")
         }
@@ -77,7 +74,8 @@ def _row(profile: Profile, variant: str, store: Store, on_log) -> tuple[dict[str
             else {}
         ),
         "probe_top1": probe[probe_on]["top1"],
-        "probe_tokens": f"{probe_on} ({profile.tokenizer_for(variant).z_len or profile.tokenizer.z_len} tokens)",
+        "probe_on": probe_on,
+        "probe_tokens": profile.tokenizer_for(variant).z_len or profile.tokenizer.z_len,
         "probe_all_visual_top1": probe["all_visual"]["top1"],
         "tokenizer_steps": tok.manifest["counts"]["steps"],
         "ar_parameters": ar.manifest["counts"]["parameters"],
@@ -90,6 +88,11 @@ def _row(profile: Profile, variant: str, store: Store, on_log) -> tuple[dict[str
     return row, {"tokenizer": tok.artifact.key, "ar_model": ar.artifact.key}
 
 
+def _probed(row: dict[str, Any]) -> str:
+    n = row["probe_tokens"]
+    return f"{n} prologue" if row["probe_on"] == "prologue" else f"first {n} visual"
+
+
 def markdown(rows: list[dict[str, Any]], ev: str) -> str:
     head = [
         "variant",
@@ -100,6 +103,7 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
         f"IS-{ev} CFG",
         f"P / R-{ev} CFG",
         "probe top-1",
+        "AR val CE visual",
         "AR params",
         "steps tok / AR",
     ]
@@ -118,7 +122,8 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
             pm(f"gfd_{ev}_nocfg"),
             pm(f"is_{ev}_cfg"),
             f"{pm(f'precision_{ev}_cfg', 3)} / {pm(f'recall_{ev}_cfg', 3)}",
-            f"{100 * r['probe_top1']:.1f}% ({r['probe_tokens']})",
+            f"{100 * r['probe_top1']:.1f}% ({_probed(r)})",
+            f"{r['ar_val_ce_visual']:.3f}",
             f"{r['ar_parameters'] / 1e6:.2f}M",
             f"{r['tokenizer_steps']} / {r['ar_steps']}",
         ]

@@ -89,8 +89,10 @@ def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
         assert r["rfd_effnetlite0"] > 0 and r["gfd_effnetlite0_cfg"] > 0 and r["gfd_effnetlite0_nocfg"] > 0
         assert 0 <= r["probe_top1"] <= 1 and r["samples_per_guidance"] == 120 and r["reference_images"] == 128
         assert not any("fid" in k for k in r)  # no EfficientNet number under an Inception name
+    assert [r["probe_on"] for r in table] == ["first_visual", "prologue"]  # like for like: z_len tokens each
     md = (art / "results.md").read_text()
     assert "not FID" in md and "| prologue |" in md
+    assert f"(first {table[0]['probe_tokens']} visual)" in md and f"({table[1]['probe_tokens']} prologue)" in md
 
 
 def test_evaluation_group_reruns_no_upstream_step_and_reuses_samples(full_run):
@@ -243,8 +245,11 @@ def test_sampling_runs_report_mean_and_spread(full_run):
     spread = m["over_seeds"]["nocfg"]["fd_effnetlite0"]
     assert spread["mean"] == pytest.approx((a + b) / 2) and spread["std"] == pytest.approx(abs(a - b) / 2**0.5)
     table = results_table(two, store)
-    [row] = [x for x in pq.read_table(io.BytesIO(table.artifact.read_bytes("results.parquet"))).to_pylist()
-             if x["variant"] == "baseline"]
+    [row] = [
+        x
+        for x in pq.read_table(io.BytesIO(table.artifact.read_bytes("results.parquet"))).to_pylist()
+        if x["variant"] == "baseline"
+    ]
     assert row["sampling_runs"] == 2 and row["gfd_effnetlite0_nocfg"] == pytest.approx(spread["mean"])
     md = table.artifact.read_bytes("results.md").decode()
     assert " ± " in md and "in each of 2 sampling runs (mean ± sample std)" in md
