@@ -10,14 +10,14 @@ from a checkpoint draws exactly what the uninterrupted run drew, without saving 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.optim.swa_utils import AveragedModel
 
 from modeling.ar_model import AR_SIZES, ARConfig, ARModel
 from modeling.optim import decay_groups, ema_with_warmup, lr_lambda
-from pipelines.config import ConfigError
+from pipelines.config import NOT_IN_KEY, ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -62,9 +62,9 @@ class ARTrainConfig:
     """Which copy of the token dataset to stream: parquet or wds."""
     shuffle_rows: int = 16384
     """Rows per shuffle window of the token reader."""
-    checkpoint_every: int = 500
+    checkpoint_every: int = field(default=500, metadata=NOT_IN_KEY)
     """Save a resumable checkpoint to the store every N steps (and at the end)."""
-    log_every: int = 25
+    log_every: int = field(default=25, metadata=NOT_IN_KEY)
     """Record (and stream to Dagster) the metrics every N steps."""
     seed: int = 0
     """Seed of initialisation, data order and label dropout."""

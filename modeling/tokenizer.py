@@ -9,14 +9,14 @@ Images are float in [-1, 1], shape [B, C, H, W]; N = (H / patch)^2 visual tokens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from modeling.blocks import Transformer, grid_rope, rope_1d
 from modeling.quantizers import PrologueQuantized, PrologueQuantizer, VisualQuantized, VisualQuantizer
-from pipelines.config import ConfigError
+from pipelines.config import KEY_UNLESS_DEFAULT, ConfigError
 
 
 @dataclass
@@ -59,7 +59,7 @@ class TokenizerConfig:
     """Joint AR prior attention heads."""
     visual_dropout: float = 0.5
     """Fraction of samples whose visual inputs to the joint AR prior are all replaced by EOS."""
-    post_hoc: bool = False
+    post_hoc: bool = field(default=False, metadata=KEY_UNLESS_DEFAULT)
     """Prologue-Post: patch tokens do not attend to the queries, so the visual path is exactly the
     2D tokenizer's; only the prologue path (queries, prologue quantizer, prior) is trained on top."""
 

@@ -12,7 +12,7 @@ The trainer is data-parallel aware (DDP per module) but does no I/O: checkpoints
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from modeling.discriminator import PatchDiscriminator, PerceptualLoss, d_hinge_l
 from modeling.joint_prior import JointPrior
 from modeling.optim import ema_with_warmup, lr_lambda
 from modeling.tokenizer import Tokenizer, TokenizerConfig
-from pipelines.config import ConfigError
+from pipelines.config import NOT_IN_KEY, ConfigError
 
 
 @dataclass
@@ -74,13 +74,13 @@ class TokenizerTrainConfig:
     the paper; see modeling/codebook_restart.py)."""
     processes: int = 1
     """Data-parallel processes (one per GPU; CPU processes with gloo where there is none)."""
-    loader_workers: int = 1
+    loader_workers: int = field(default=1, metadata=NOT_IN_KEY)
     """DataLoader worker processes per training process."""
     shuffle_buffer: int = 2000
     """Sample shuffle buffer of the streaming reader."""
-    checkpoint_every: int = 500
+    checkpoint_every: int = field(default=500, metadata=NOT_IN_KEY)
     """Save a resumable checkpoint to the store every N steps (and at the end)."""
-    log_every: int = 25
+    log_every: int = field(default=25, metadata=NOT_IN_KEY)
     """Record the loss terms every N steps."""
     eval_images: int = 2000
     """Validation images used for PSNR and codebook usage (0: the whole split)."""

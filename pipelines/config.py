@@ -108,9 +108,28 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
 
 
+NOT_IN_KEY = {"cache_key": "never"}
+"""Field metadata: the field does not change a step's result (how often to log, how many encoder
+processes), so cache keys leave it out and changing it reuses what is stored."""
+KEY_UNLESS_DEFAULT = {"cache_key": "unless_default"}
+"""Field metadata: a field added after artefacts were stored; cache keys include it only when it is
+not at its default, so those artefacts keep their keys."""
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
-    """Plain, JSON-serialisable dict of a config (the input of cache keys and manifests)."""
+    """Plain, JSON-serialisable dict of a config (what manifests record and workers rebuild from)."""
     return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def key_dict(obj: Any) -> dict[str, Any]:
+    """`to_dict` without the fields whose metadata keeps them out of cache keys: a step's key input."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value, rule = getattr(obj, f.name), f.metadata.get("cache_key")
+        if rule == "never" or (rule == "unless_default" and value == _default(f)):
+            continue
+        out[f.name] = key_dict(value) if dataclasses.is_dataclass(value) else value
+    return json.loads(json.dumps(out))
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

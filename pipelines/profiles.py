@@ -17,7 +17,7 @@ from modeling.ar_trainer import ARTrainConfig
 from modeling.sampler import SamplerConfig
 from modeling.tokenizer import TokenizerConfig
 from modeling.tokenizer_trainer import TokenizerTrainConfig
-from pipelines.config import ConfigError, from_dict, merge, parse_overrides
+from pipelines.config import NOT_IN_KEY, ConfigError, from_dict, merge, parse_overrides
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SOURCE_KINDS = ("idx", "folder", "ilsvrc_tar", "kaggle_zip")
@@ -98,13 +98,13 @@ class TokenExportConfig:
     """tencrop_flip: the image is resized to round(resolution * crop_scale) before cropping."""
     rows_per_group: int = 4096
     """Rows per Parquet row group and per WebDataset block: the unit a streaming reader fetches."""
-    batch_size: int = 256
+    batch_size: int = field(default=256, metadata=NOT_IN_KEY)
     """Images per encoder forward pass."""
-    processes: int = 1
+    processes: int = field(default=1, metadata=NOT_IN_KEY)
     """Encoding processes (one per GPU); each takes every processes-th input shard."""
-    sanity_images: int = 256
+    sanity_images: int = field(default=256, metadata=NOT_IN_KEY)
     """Val images decoded before the full encode to compare PSNR with the tokenizer's own figure."""
-    sanity_tolerance_db: float = 0.75
+    sanity_tolerance_db: float = field(default=0.75, metadata=NOT_IN_KEY)
     """Largest accepted |PSNR difference| of the sanity check, in dB."""
 
     def validate(self) -> None:

@@ -43,7 +43,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipelines.cli import variant_step_main, worker_args
-from pipelines.config import from_dict, to_dict
+from pipelines.config import from_dict, key_dict, to_dict
 from pipelines.images import grid_png
 from pipelines.launch import launch, worker_device
 from pipelines.profiles import SPLITS, Profile, TokenExportConfig
@@ -115,7 +115,7 @@ def export_tokens(
     start = time.perf_counter()
     tok = train_tokenizer(profile, variant, store, on_log=on_log, progress=progress)
     cfg = profile.tokens
-    config = {"variant": variant, "tokens": _export_config(cfg)}
+    config = {"variant": variant, "tokens": key_dict(cfg)}
     inputs = {"tokenizer": tok.artifact.key, **tok.manifest["lineage"]}
     artifact = store.artifact(ASSET, cache_key(ASSET, CODE_VERSION, config, inputs))
     manifest = artifact.manifest()
@@ -183,14 +183,6 @@ def export_tokens(
         sanity=sanity,
     )
     return StepResult(artifact, manifest, False, time.perf_counter() - start)
-
-
-def _export_config(cfg: TokenExportConfig) -> dict:
-    """The settings that change the stored rows (not parallelism or the sanity check's size)."""
-    out = to_dict(cfg)
-    for k in ("processes", "batch_size", "sanity_images", "sanity_tolerance_db"):
-        out.pop(k)
-    return out
 
 
 def _tasks(shard_manifests: dict[str, dict]) -> list[tuple[str, str, str]]:

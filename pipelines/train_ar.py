@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from pipelines.checkpoints import PREFIX, latest_checkpoint
 from pipelines.cli import variant_step_main, worker_args
-from pipelines.config import from_dict, to_dict
+from pipelines.config import from_dict, key_dict, to_dict
 from pipelines.images import loss_curves_png
 from pipelines.launch import command, ranks_in_sync, run
 from pipelines.profiles import Profile
@@ -62,10 +62,7 @@ def train_ar(
     tokens = export_tokens(profile, variant, store, on_log=on_log, progress=progress)
     cfg = profile.ar_train
     model_cfg = model_config(cfg, tokens.manifest["codes"], len(tokens.manifest["classes"]))
-    train = to_dict(cfg)
-    for k in ("log_every", "checkpoint_every"):  # how often we look does not change the weights
-        train.pop(k)
-    config = {"variant": variant, "model": to_dict(model_cfg), "train": train}
+    config = {"variant": variant, "model": to_dict(model_cfg), "train": key_dict(cfg)}
     inputs = {"token_dataset": tokens.artifact.key}
     artifact = store.artifact(ASSET, cache_key(ASSET, CODE_VERSION, config, inputs))
     manifest = artifact.manifest()

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from pipelines.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipelines.cli import variant_step_main, worker_args
-from pipelines.config import from_dict, to_dict
+from pipelines.config import from_dict, key_dict, to_dict
 from pipelines.images import grid_png, loss_curves_png
 from pipelines.launch import launch, ranks_in_sync
 from pipelines.profiles import SPLITS, Profile
@@ -45,10 +45,7 @@ def train_tokenizer(
     start = time.perf_counter()
     model_cfg = profile.tokenizer_for(variant)
     shards = {s: shard_split(profile, s, store, progress=progress, on_log=on_log) for s in SPLITS}
-    model = to_dict(model_cfg)
-    if not model_cfg.post_hoc:  # absent before Prologue-Post existed: other tokenizers keep their cache keys
-        del model["post_hoc"]
-    config = {"variant": variant, "model": model, "train": _train_config(profile)}
+    config = {"variant": variant, "model": key_dict(model_cfg), "train": key_dict(profile.tokenizer_train)}
     inputs = {f"image_shards/{s}": r.artifact.key for s, r in shards.items()}
     if model_cfg.post_hoc:  # Prologue-Post: the prologue path is trained on top of the trained 2D tokenizer
         base = train_tokenizer(profile, "baseline", store, on_log=on_log, progress=progress)
@@ -89,14 +86,6 @@ def load_tokenizer(artifact: Artifact, device: torch.device | str = "cpu"):
     tokenizer = Tokenizer(from_dict(TokenizerConfig, manifest["config"]["model"]))
     tokenizer.load_state_dict(load(artifact.read_bytes("model/tokenizer.safetensors")))
     return tokenizer.to(device).eval()
-
-
-def _train_config(profile: Profile) -> dict:
-    """The training settings that change the result (not how many processes or loader workers)."""
-    cfg = to_dict(profile.tokenizer_train)
-    for k in ("loader_workers", "log_every", "checkpoint_every"):
-        cfg.pop(k)
-    return cfg
 
 
 # -- worker (one per rank) -------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipelines.config import ConfigError, field_docs
+from pipelines.config import ConfigError, field_docs, key_dict, to_dict
 from pipelines.profiles import PROFILES, DataConfig, Profile, SourceConfig, load_profile
 
 
@@ -76,3 +76,18 @@ def test_variants_map_to_tokenizer_configs_and_full_shares_fashion32():
         demo.data, demo.tokenizer, demo.tokenizer_train, demo.tokens, demo.ar_train, demo.sampler
     )
     assert full.evaluation.sampling_runs == 3 and "prologue_post" in full.variants
+
+
+def test_cache_key_input_leaves_out_what_does_not_change_the_result():
+    p = load_profile("tiny")
+    train = key_dict(p.tokenizer_train)
+    assert not {"log_every", "checkpoint_every", "loader_workers"} & set(train)
+    assert "steps" in train and "processes" in train  # the global batch depends on processes
+    assert key_dict(load_profile("tiny", ["tokenizer_train.log_every=1"]).tokenizer_train) == train
+    ar = key_dict(p.ar_train)
+    assert not {"log_every", "checkpoint_every"} & set(ar) and "loader_workers" in ar
+    assert not {"processes", "batch_size", "sanity_images", "sanity_tolerance_db"} & set(key_dict(p.tokens))
+    assert to_dict(p.tokens)["processes"] == p.tokens.processes  # workers still get every field
+    # post_hoc came after tokenizers were stored: at its default it stays out, so their keys hold
+    assert "post_hoc" not in key_dict(p.tokenizer)
+    assert key_dict(dataclasses.replace(p.tokenizer, post_hoc=True))["post_hoc"] is True
