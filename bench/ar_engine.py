@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.common import machine, save_json
+from bench.common import machine, report
 from modeling.ar_model import ARModel
 from modeling.ar_trainer import ARTrainConfig, ARTrainer, model_config
 from modeling.optim import decay_groups, lr_lambda
@@ -117,11 +117,8 @@ def main() -> int:
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = ap.parse_args()
     r = measure(args.size, args.batch, args.steps, args.rounds)
-    print(f"{'loop':<24}{'tokens/s':>12}")
-    print(f"{'DeepSpeed engine':<24}{r['deepspeed_tokens_per_s']:>12.0f}")
-    print(f"{'plain PyTorch':<24}{r['plain_pytorch_tokens_per_s']:>12.0f}")
-    print(f"engine overhead: {100 * r['deepspeed_overhead']:.1f}%  ({r['workload']}; {r['machine']})")
-    save_json(args.json, r)
+    rates = [("DeepSpeed engine", r["deepspeed_tokens_per_s"]), ("plain PyTorch", r["plain_pytorch_tokens_per_s"])]
+    report("tokens/s", rates, f"engine overhead: {100 * r['deepspeed_overhead']:.1f}%", r, args.json)
     return 0
 
 

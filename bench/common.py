@@ -1,4 +1,4 @@
-"""What every benchmark script shares: the machine line of its figures and their JSON file."""
+"""What every benchmark script shares: the machine line of its figures, their printout and JSON file."""
 
 import json
 import os
@@ -19,3 +19,13 @@ def save_json(path: str, figures: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(figures, indent=1) + "\n")
+
+
+def report(unit: str, rates: list[tuple[str, float]], summary: str, figures: dict, path: str, digits: int = 0) -> None:
+    """Print the measured rates side by side, then `summary (workload; machine)`, and save the figures."""
+    width = max(len(name) for name, _ in rates) + 4
+    print(f"{'':<{width}}{unit:>12}")
+    for name, value in rates:
+        print(f"{name:<{width}}{value:>12.{digits}f}")
+    print(f"{summary}  ({figures['workload']}; {figures['machine']})")
+    save_json(path, figures)

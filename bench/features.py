@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from bench.common import machine, save_json
+from bench.common import machine, report
 from pipelines.evaluate import Embedder, _val_images
 from pipelines.profiles import load_profile
 from pipelines.sharding import shard_split
@@ -57,11 +57,14 @@ def main() -> int:
         "network_only_images_per_s": round(net, 1),
         "end_to_end_fraction": round(e2e / net, 3),
     }
-    print(f"{'path':<40}{'images/s':>12}")
-    print(f"{'shards -> decode -> resize -> embed':<40}{e2e:>12.1f}")
-    print(f"{'network only (decoded in memory)':<40}{net:>12.1f}")
-    print(f"end to end runs at {e2e / net:.1%} of the network's speed ({rows['workload']}; {rows['machine']})")
-    save_json(args.json, rows)
+    report(
+        "images/s",
+        [("shards -> decode -> resize -> embed", e2e), ("network only (decoded in memory)", net)],
+        f"end to end runs at {e2e / net:.1%} of the network's speed",
+        rows,
+        args.json,
+        digits=1,
+    )
     return 0
 
 

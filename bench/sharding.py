@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, save_json
+from bench.common import machine, report
 from pipelines.profiles import load_profile
 from pipelines.sharding import shard_split
 from pipelines.store import Store
@@ -52,11 +52,8 @@ def main() -> int:
         f"parallel_{args.workers}_workers_images_per_s": round(parallel, 1),
         "speedup": round(parallel / single, 2),
     }
-    print(f"{'variant':<28}{'images/s':>12}")
-    print(f"{'single process':<28}{single:>12.0f}")
-    print(f"{f'parallel, {args.workers} workers':<28}{parallel:>12.0f}")
-    print(f"speed-up: {parallel / single:.2f}x  ({rows['workload']}; {rows['machine']})")
-    save_json(args.json, rows)
+    rates = [("single process", single), (f"parallel, {args.workers} workers", parallel)]
+    report("images/s", rates, f"speed-up: {parallel / single:.2f}x", rows, args.json)
     return 0
 
 
