@@ -68,12 +68,12 @@ def test_tiny_shards_round_trip_byte_exact(store, fashion_mnist):
         meta = json.loads(s["json"])
         assert meta["key"] == s["__key__"] and meta["class"] == source.classes[meta["label"]]
 
-    # the same request again returns at once and rewrites nothing
+    # the same request again is a cache hit that rewrites nothing (no timing: listing hashes the
+    # source, which on 512 tiny images can take as long as sharding them; bench/ measures speed)
     before = _mtimes(store, m, result.artifact)
     again = shard_split(profile, "train", store, progress=False)
     assert again.cached and again.artifact.key == result.artifact.key and again.manifest == m
     assert _mtimes(store, m, again.artifact) == before
-    assert again.seconds < result.seconds
 
 
 def test_shard_assignment_is_independent_of_worker_count(tmp_path, fashion_mnist):
