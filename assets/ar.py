@@ -4,17 +4,18 @@ from dagster import AssetExecutionContext, MetadataValue, PipesSubprocessClient,
 
 from assets import checks
 from assets.data import per_variant, png_markdown
-from assets.resources import ProfileResource, StoreResource
-from assets.tokenizer import ONE_RUN, variant_partitions
+from assets.resources import ProfileResource, StoreResource, run_plan, variant_partitions
+from assets.tokenizer import ONE_RUN
 from assets.tokens import token_dataset
 from pipelines import train_ar
+from pipelines.plan import CODE_VERSIONS
 
 
 @asset(
     partitions_def=variant_partitions,
     backfill_policy=ONE_RUN,
     deps=[token_dataset],
-    code_version=train_ar.CODE_VERSION,
+    code_version=CODE_VERSIONS["ar_model"],
     group_name="generator",
     kinds={"pytorch", "deepspeed"},
     check_specs=[checks.spec("weights_finite", "ar_model", "no NaN/Inf in the final and EMA weights")],
@@ -27,16 +28,14 @@ def ar_model(
     profile: ProfileResource,
     pipes_subprocess_client: PipesSubprocessClient,
 ):
-    prof, finite = profile.profile(), {}
+    plan, finite = run_plan(context.instance, profile, store), {}
 
     def run_with_pipes(argv: list[str], env: dict[str, str]) -> None:
         # rank 0 opens the Pipes session: its log lines and final metrics land in this run's event log
         pipes_subprocess_client.run(command=argv, context=context, env=env)
 
     def step(variant: str):
-        result = train_ar.train_ar(
-            prof, variant, store.store(), on_log=context.log.info, progress=False, runner=run_with_pipes
-        )
+        result = train_ar.train_ar(plan, variant, on_log=context.log.info, progress=False, runner=run_with_pipes)
         m, art = result.manifest, result.artifact
         finite[variant] = checks.finite_problems(art)
         metrics = m["metrics"]

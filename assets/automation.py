@@ -27,9 +27,9 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from assets.data import data_version, image_shards
 from assets.evaluation import GROUP
-from assets.resources import ProfileResource, StoreResource, default_profile
-from assets.tokenizer import variant_partitions
-from pipelines import sharding
+from assets.resources import ProfileResource, StoreResource, default_profile, variant_partitions
+from pipelines.plan import Plan
+from pipelines.profiles import SPLITS
 
 # every variant partition in one run
 _variants = variant_partitions.get_partition_keys()
@@ -71,13 +71,13 @@ retrain_schedule = ScheduleDefinition(
     "listing whose shards are not yet in the store; the run key is the listing hash.",
 )
 def new_images_sensor(context: SensorEvaluationContext, profile: ProfileResource, store: StoreResource):
-    prof, st = profile.profile(), store.store()
-    keys = sharding.listing_keys(prof)
+    plan = Plan.from_listing(profile.profile(), store.store())
+    keys = {s: plan.shards(s).key for s in SPLITS}
     listing = data_version(keys).value
     if listing == context.cursor:
         return SkipReason(f"source unchanged since the last tick (listing {listing})")
     context.update_cursor(listing)
-    missing = [s for s, k in keys.items() if st.artifact(sharding.ASSET, k).manifest() is None]
+    missing = [s for s in SPLITS if plan.shards(s).manifest() is None]
     if not missing:
         return SkipReason(f"listing {listing}: shards already in the store, nothing new to train on")
     context.log.info(f"new listing {listing}: {', '.join(missing)} not sharded yet; requesting a retrain run")

@@ -17,10 +17,10 @@ from dagster import (
 )
 
 from assets import checks
-from assets.resources import ProfileResource, StoreResource
+from assets.resources import LISTING, ProfileResource, StoreResource, run_plan
 from pipelines import sharding
+from pipelines.plan import CODE_VERSIONS, list_source
 from pipelines.profiles import SPLITS
-from pipelines.sources import open_source
 from pipelines.store import StepResult
 
 
@@ -78,21 +78,19 @@ def png_markdown(png: bytes, alt: str) -> MetadataValue:
 
 @observable_source_asset(group_name="data", description="The raw image source of the profile (listing fingerprint).")
 def raw_images(profile: ProfileResource) -> ObserveResult:
-    data = profile.profile().data
-    metadata, fingerprints = {}, {}
+    listing = list_source(profile.profile().data)
+    metadata = {}
     for split in SPLITS:
-        cfg = data.source(split)
-        source = open_source(cfg.kind, cfg.url, cfg.split)
-        fingerprints[split] = source.fingerprint()
-        metadata[f"{split}_url"] = cfg.url
-        metadata[f"{split}_images"] = len(source.items())
+        metadata[f"{split}_url"] = listing.splits[split].url
+        metadata[f"{split}_images"] = len(listing.sources[split].items())
+    fingerprints = {s: v.fingerprint for s, v in listing.splits.items()}
     version = hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()[:24]
     return ObserveResult(data_version=DataVersion(version), metadata=metadata)
 
 
 @asset(
     deps=[raw_images],
-    code_version=sharding.CODE_VERSION,
+    code_version=CODE_VERSIONS["image_shards"],
     group_name="data",
     kinds={"webdataset", "pillow"},
     check_specs=[
@@ -102,10 +100,11 @@ def raw_images(profile: ProfileResource) -> ObserveResult:
     "one store artefact per split.",
 )
 def image_shards(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
-    prof, st = profile.profile(), store.store()
-    metadata, keys, problems = {"profile": f"{prof.name}@{prof.version}"}, {}, {}
+    plan = run_plan(context.instance, profile, store, relist=True)  # the run's one listing of the source
+    metadata = {"profile": plan.label, LISTING: MetadataValue.json(plan.listing.to_dict())}
+    keys, problems = {}, {}
     for split in SPLITS:
-        result = sharding.shard_split(prof, split, st, on_log=context.log.info)
+        result = sharding.shard_split(plan, split, on_log=context.log.info, progress=False)
         m, art = result.manifest, result.artifact
         counts = m["counts"]
         metadata |= {

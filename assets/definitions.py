@@ -5,7 +5,14 @@ from dagster import Definitions, PipesSubprocessClient, define_asset_job
 from assets.ar import ar_model
 from assets.automation import GPU, evaluation_job, new_images_sensor, retrain_job, retrain_schedule, run_failure_summary
 from assets.data import image_shards, raw_images
-from assets.evaluation import generation_metrics, linear_probe, reconstruction_metrics, results_table, samples
+from assets.evaluation import (
+    generation_metrics,
+    linear_probe,
+    reconstruction_metrics,
+    reference_stats,
+    results_table,
+    samples,
+)
 from assets.resources import ProfileResource, StoreResource
 from assets.tokenizer import tokenizer
 from assets.tokens import token_dataset
@@ -26,6 +33,7 @@ defs = Definitions(
         token_dataset,
         ar_model,
         samples,
+        reference_stats,
         reconstruction_metrics,
         generation_metrics,
         linear_probe,

@@ -1,15 +1,16 @@
 """Evaluation assets (group `evaluation`): samples, reconstruction and generation metrics, linear
 probe, results table. Metrics are named by their evaluator (`fd_effnetlite0` is not FID)."""
 
-from dagster import AllPartitionMapping, AssetDep, AssetExecutionContext, MetadataValue, asset
+from dagster import AllPartitionMapping, AssetDep, AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from assets import checks
 from assets.ar import ar_model
-from assets.data import materialized, per_variant, png_markdown
-from assets.resources import ProfileResource, StoreResource
-from assets.tokenizer import ONE_RUN, tokenizer, variant_partitions
+from assets.data import data_version, image_shards, materialized, per_variant, png_markdown
+from assets.resources import ProfileResource, StoreResource, run_plan, variant_partitions
+from assets.tokenizer import ONE_RUN, tokenizer
 from assets.tokens import token_dataset
 from pipelines import evaluate, results, sampling
+from pipelines.plan import CODE_VERSIONS
 
 GROUP = "evaluation"
 
@@ -18,7 +19,7 @@ GROUP = "evaluation"
     partitions_def=variant_partitions,
     backfill_policy=ONE_RUN,
     deps=[ar_model],
-    code_version=sampling.CODE_VERSION,
+    code_version=CODE_VERSIONS["samples"],
     group_name=GROUP,
     kinds={"pytorch", "webdataset"},
     check_specs=[
@@ -28,13 +29,12 @@ GROUP = "evaluation"
     "PNG WebDataset shards with a recorded seed per sample; resumable.",
 )
 def samples(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
-    prof, problems = profile.profile(), {}
+    plan, problems = run_plan(context.instance, profile, store), {}
+    prof = plan.profile
 
     def step(variant: str):
-        runs = [  # one sample set per sampling run (seed), each checked against the protocol
-            sampling.generate_samples(p, variant, store.store(), on_log=context.log.info, progress=False)
-            for p in sampling.seeded_profiles(prof)
-        ]
+        # one sample set per sampling run (seed), each checked against the protocol
+        runs = sampling.generate_samples(plan, variant, on_log=context.log.info, progress=False)
         problems[variant] = [p for r in runs for p in sampling.protocol_problems(r.artifact, r.manifest, prof)]
         result = runs[0]
         m, art = result.manifest, result.artifact
@@ -59,6 +59,29 @@ def samples(context: AssetExecutionContext, store: StoreResource, profile: Profi
     yield checks.check_result("sampling_protocol", problems)
 
 
+@asset(
+    deps=[image_shards],
+    code_version=CODE_VERSIONS["reference_stats"],
+    group_name=GROUP,
+    kinds={"numpy"},
+    description="Features and (mu, sigma) of the reference set (the first evaluation.reference_images val images) "
+    "under each evaluator: EfficientNet-Lite0, and InceptionV3 when a local weights file is configured.",
+)
+def reference_stats(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+    plan, metadata, keys = run_plan(context.instance, profile, store), {}, {}
+    for e in plan.evaluators:
+        r = evaluate.reference_stats(plan, e, on_log=context.log.info)
+        keys[e] = r.artifact.key
+        metadata |= {
+            f"{e}_uri": MetadataValue.path(r.artifact.uri),
+            f"{e}_images": r.manifest["counts"]["images"],
+            f"{e}_stats_sha256": r.manifest["stats_sha256"],
+            f"{e}_reused_existing": r.cached,
+            f"{e}_seconds": round(r.seconds, 2),
+        }
+    return MaterializeResult(metadata={"profile": plan.label, **metadata}, data_version=data_version(keys))
+
+
 def _metrics_metadata(result, flat: dict) -> dict:
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in flat.items()}
     return {**shown, "metrics": MetadataValue.json(result.manifest["metrics"])}
@@ -67,16 +90,16 @@ def _metrics_metadata(result, flat: dict) -> dict:
 @asset(
     partitions_def=variant_partitions,
     backfill_policy=ONE_RUN,
-    deps=[tokenizer],
-    code_version=evaluate.CODE_VERSION,
+    deps=[tokenizer, reference_stats],
+    code_version=CODE_VERSIONS["reconstruction_metrics"],
     group_name=GROUP,
     description="rFD (EfficientNet-Lite0 features of val reconstructions vs the val reference set) and PSNR.",
 )
 def reconstruction_metrics(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
-    prof = profile.profile()
+    plan = run_plan(context.instance, profile, store)
 
     def step(variant: str):
-        r = evaluate.reconstruction_metrics(prof, variant, store.store(), context.log.info)
+        r = evaluate.reconstruction_metrics(plan, variant, on_log=context.log.info)
         m = r.manifest["metrics"]
         keys = [k for k in m if k.startswith("rfd_")] + ["psnr_db", "images", "reference_sha256"]
         return r, _metrics_metadata(r, {k: m[k] for k in keys})
@@ -87,8 +110,8 @@ def reconstruction_metrics(context: AssetExecutionContext, store: StoreResource,
 @asset(
     partitions_def=variant_partitions,
     backfill_policy=ONE_RUN,
-    deps=[samples],
-    code_version=evaluate.CODE_VERSION,
+    deps=[samples, reference_stats],
+    code_version=CODE_VERSIONS["generation_metrics"],
     group_name=GROUP,
     check_specs=[
         checks.spec("reference_checksum", "generation_metrics", "the reference statistics are the stored ones (sha256)")
@@ -97,10 +120,11 @@ def reconstruction_metrics(context: AssetExecutionContext, store: StoreResource,
     "without guidance against the val reference set.",
 )
 def generation_metrics(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
-    prof, st, problems = profile.profile(), store.store(), {}
+    plan, problems = run_plan(context.instance, profile, store), {}
+    st = plan.store
 
     def step(variant: str):
-        r = evaluate.generation_metrics(prof, variant, st, context.log.info)
+        r = evaluate.generation_metrics(plan, variant, on_log=context.log.info)
         m = r.manifest["metrics"]
         problems[variant] = []
         for e, sha in m["references"].items():  # every reference used must still re-hash to what the metrics used
@@ -122,16 +146,16 @@ def generation_metrics(context: AssetExecutionContext, store: StoreResource, pro
     partitions_def=variant_partitions,
     backfill_policy=ONE_RUN,
     deps=[token_dataset],
-    code_version=evaluate.CODE_VERSION,
+    code_version=CODE_VERSIONS["linear_probe"],
     group_name=GROUP,
     description="Top-1 of a logistic regression (fixed L-BFGS budget) on embedded tokens: prologue tokens, the "
     "first z_len visual tokens, all visual tokens.",
 )
 def linear_probe(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
-    prof = profile.profile()
+    plan = run_plan(context.instance, profile, store)
 
     def step(variant: str):
-        r = evaluate.linear_probe(prof, variant, store.store(), context.log.info)
+        r = evaluate.linear_probe(plan, variant, on_log=context.log.info)
         m = r.manifest["metrics"]
         return r, _metrics_metadata(r, {f"top1_{k}": v["top1"] for k, v in m.items() if isinstance(v, dict)})
 
@@ -143,14 +167,14 @@ def linear_probe(context: AssetExecutionContext, store: StoreResource, profile: 
         AssetDep(a, partition_mapping=AllPartitionMapping())
         for a in (reconstruction_metrics, generation_metrics, linear_probe, ar_model)
     ],
-    code_version=results.CODE_VERSION,
+    code_version=CODE_VERSIONS["results_table"],
     group_name=GROUP,
     kinds={"parquet"},
     description="One row per variant: rFD, gFD with/without CFG, IS, P/R, probe accuracy, sizes and steps; "
     "Parquet + Markdown, read from the stored artefacts.",
 )
 def results_table(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
-    r = results.results_table(profile.profile(), store.store(), on_log=context.log.info)
+    r = results.results_table(run_plan(context.instance, profile, store), on_log=context.log.info)
     md = r.artifact.read_bytes("results.md").decode()
     return materialized(
         r, {"table": MetadataValue.md(md), "parquet": MetadataValue.path(r.artifact.file_uri("results.parquet"))}

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 
-from dagster import ConfigurableResource
+from dagster import AssetKey, ConfigurableResource, DagsterInstance, StaticPartitionsDefinition
 from pydantic import Field
 
+from modeling.config import ConfigError
+from pipelines.plan import Listing, Plan
 from pipelines.profiles import Profile, load_profile
 from pipelines.store import Store
+
+LISTING = "listing"  # image_shards metadata: the source listing its shards were made from
 
 
 class StoreResource(ConfigurableResource):
@@ -42,6 +46,15 @@ def default_profile() -> Profile:
     return load_profile(os.environ.get("PROLOGUE_PROFILE", "fashion32"))
 
 
+def _location_profile_name() -> str:
+    return os.environ.get("PROLOGUE_PROFILE", "fashion32")
+
+
+# The variant partitions of every variant asset: the variants of the code location's profile. A run
+# whose profile lists other variants fails before any work (see `run_plan`).
+variant_partitions = StaticPartitionsDefinition(default_profile().variants)
+
+
 class ProfileResource(ConfigurableResource):
     """The experiment profile (see pipelines/profiles.py) with optional field overrides."""
 
@@ -49,4 +62,35 @@ class ProfileResource(ConfigurableResource):
     overrides: list[str] = Field(default=[], description="Dotted FIELD=VALUE overrides, e.g. data.workers=4.")
 
     def profile(self) -> Profile:
-        return load_profile(self.name or os.environ.get("PROLOGUE_PROFILE", "fashion32"), list(self.overrides))
+        """The run's profile; its variants must be the code location's partitions."""
+        profile = load_profile(self.name or _location_profile_name(), list(self.overrides))
+        partitions = variant_partitions.get_partition_keys()
+        if sorted(profile.variants) != sorted(partitions):
+            raise ConfigError(
+                f"variants: profile {profile.name!r} has variants {profile.variants}, but this code location's "
+                f"partitions are {partitions} (the variants of PROLOGUE_PROFILE={_location_profile_name()}); "
+                f"start the code location with PROLOGUE_PROFILE={profile.name} (make ui PROFILE={profile.name})"
+            )
+        return profile
+
+
+def recorded_listing(instance: DagsterInstance, profile: Profile) -> Listing | None:
+    """The source listing of the latest image_shards materialisation, if it is of this profile's source."""
+    event = instance.get_latest_materialization_event(AssetKey("image_shards"))
+    if event is None or event.asset_materialization is None:
+        return None
+    value = event.asset_materialization.metadata.get(LISTING)
+    if value is None:
+        return None
+    listing = Listing.from_dict(value.value)
+    return listing if listing.matches(profile.data) else None
+
+
+def run_plan(
+    instance: DagsterInstance, profile: ProfileResource, store: StoreResource, *, relist: bool = False
+) -> Plan:
+    """The plan of this run: over the listing image_shards recorded (so a run lists the source once,
+    in image_shards), or over a fresh listing when there is none or `relist` (image_shards itself)."""
+    prof, st = profile.profile(), store.store()
+    listing = None if relist else recorded_listing(instance, prof)
+    return Plan(prof, st, listing) if listing is not None else Plan.from_listing(prof, st)

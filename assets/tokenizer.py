@@ -6,16 +6,15 @@ from dagster import (
     AssetExecutionContext,
     BackfillPolicy,
     MetadataValue,
-    StaticPartitionsDefinition,
     asset,
 )
 
 from assets import checks
 from assets.data import image_shards, per_variant, png_markdown
-from assets.resources import ProfileResource, StoreResource, default_profile
+from assets.resources import ProfileResource, StoreResource, run_plan, variant_partitions
 from pipelines import train_tokenizer
+from pipelines.plan import CODE_VERSIONS
 
-variant_partitions = StaticPartitionsDefinition(default_profile().variants)
 # a run may cover every variant (the retrain job): each asset then loops over its partitions
 ONE_RUN = BackfillPolicy.single_run()
 
@@ -24,7 +23,7 @@ ONE_RUN = BackfillPolicy.single_run()
     partitions_def=variant_partitions,
     backfill_policy=ONE_RUN,
     deps=[AssetDep(image_shards, partition_mapping=AllPartitionMapping())],
-    code_version=train_tokenizer.CODE_VERSION,
+    code_version=CODE_VERSIONS["tokenizer"],
     group_name="tokenizer",
     kinds={"pytorch", "safetensors"},
     check_specs=[
@@ -35,11 +34,11 @@ ONE_RUN = BackfillPolicy.single_run()
     "only through the joint AR CE), trained data-parallel in a subprocess, resumable from store checkpoints.",
 )
 def tokenizer(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
-    prof = profile.profile()
-    finite, usage = {}, {}
+    plan = run_plan(context.instance, profile, store)
+    prof, finite, usage = plan.profile, {}, {}
 
     def step(variant: str):
-        result = train_tokenizer.train_tokenizer(prof, variant, store.store(), on_log=context.log.info, progress=False)
+        result = train_tokenizer.train_tokenizer(plan, variant, on_log=context.log.info, progress=False)
         m, art = result.manifest, result.artifact
         finite[variant] = checks.finite_problems(art)
         usage[variant] = checks.codebook_problems(art, prof.operations.codebook_usage_floor)

@@ -4,16 +4,17 @@ from dagster import AssetExecutionContext, MetadataValue, asset
 
 from assets import checks
 from assets.data import per_variant, png_markdown
-from assets.resources import ProfileResource, StoreResource
-from assets.tokenizer import ONE_RUN, tokenizer, variant_partitions
+from assets.resources import ProfileResource, StoreResource, run_plan, variant_partitions
+from assets.tokenizer import ONE_RUN, tokenizer
 from pipelines import token_export
+from pipelines.plan import CODE_VERSIONS
 
 
 @asset(
     partitions_def=variant_partitions,
     backfill_policy=ONE_RUN,
     deps=[tokenizer],
-    code_version=token_export.CODE_VERSION,
+    code_version=CODE_VERSIONS["token_dataset"],
     group_name="tokens",
     kinds={"parquet", "webdataset"},
     check_specs=[checks.spec("tokens_intact", "token_dataset", "sha256 of every file, Parquet row counts")],
@@ -22,10 +23,10 @@ from pipelines import token_export
     "check runs before the full encode.",
 )
 def token_dataset(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
-    prof, problems = profile.profile(), {}
+    plan, problems = run_plan(context.instance, profile, store), {}
 
     def step(variant: str):
-        result = token_export.export_tokens(prof, variant, store.store(), on_log=context.log.info, progress=False)
+        result = token_export.export_tokens(plan, variant, on_log=context.log.info, progress=False)
         m, art = result.manifest, result.artifact
         problems[variant] = checks.token_problems(art)
         counts, sanity = m["counts"], m["sanity"]

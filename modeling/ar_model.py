@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modeling.blocks import Transformer, apply_rope, rope_1d
-from pipelines.config import ConfigError
+from modeling.config import Config, ConfigError
 
 # Transformer shapes by name; the paper's B / L / XL are LlamaGen's sizes.
 AR_SIZES: dict[str, dict[str, int]] = {
@@ -39,7 +39,7 @@ AR_SIZES: dict[str, dict[str, int]] = {
 
 
 @dataclass
-class ARConfig:
+class ARConfig(Config):
     width: int = 192
     """Transformer width."""
     depth: int = 6

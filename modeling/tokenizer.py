@@ -15,12 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from modeling.blocks import Transformer, grid_rope, rope_1d
+from modeling.config import KEY_UNLESS_DEFAULT, Config, ConfigError
 from modeling.quantizers import PrologueQuantized, PrologueQuantizer, VisualQuantized, VisualQuantizer
-from pipelines.config import KEY_UNLESS_DEFAULT, ConfigError
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(Config):
     image_size: int = 32
     """Side of the square input images, in pixels."""
     patch_size: int = 4

@@ -21,15 +21,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 
 from modeling.codebook_restart import DeadCodeRestarter
+from modeling.config import NOT_IN_KEY, Config, ConfigError
 from modeling.discriminator import PatchDiscriminator, PerceptualLoss, d_hinge_loss, g_loss
 from modeling.joint_prior import JointPrior
 from modeling.optim import ema_with_warmup, lr_lambda
 from modeling.tokenizer import Tokenizer, TokenizerConfig
-from pipelines.config import NOT_IN_KEY, ConfigError
 
 
 @dataclass
-class TokenizerTrainConfig:
+class TokenizerTrainConfig(Config):
     steps: int = 2000
     """Optimiser steps (each: one encoder/decoder step and one prior/discriminator step)."""
     batch_size: int = 64

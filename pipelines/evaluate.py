@@ -2,111 +2,49 @@
 
 Features come from the evaluator registered with torch-fidelity (`modeling.features`, EfficientNet-
 Lite0 by default: metrics are named `*_effnetlite0`, never FID) and are streamed batch by batch, so
-no image set is held in memory. The metrics are torch-fidelity's feature-to-metric functions (KID,
-precision/recall, IS-style score) and our Fréchet distance (`modeling.fidelity`, checked against
-scipy and torch-fidelity). The reference set (the first `evaluation.reference_images` val images)
-is embedded once per (val shards, evaluator): its features and `stats.npz` (mu, sigma) are cached in
-the store as `reference_stats/<key>/`, with the stats file's sha256 recorded in every metric.
+no image set is held in memory; `modeling.fidelity.set_metrics` turns them into FD, KID,
+precision/recall and the IS-style score. The reference set (the first `evaluation.reference_images`
+val images) is the `reference_stats[evaluator]` asset: its features and `stats.npz` (mu, sigma),
+with the stats file's sha256 recorded in every metric.
 
-Standalone: `python -m pipelines.evaluate --profile fashion32 --variant prologue`.
+Standalone: `python -m pipelines.evaluate --profile fashion32 --step generation_metrics --variant prologue`.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import sys
 import tempfile
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipelines.profiles import Profile, load_profile
-from pipelines.sampling import GUIDANCE, generate_samples, seeded_profiles
+from modeling.fidelity import Embedder, set_metrics
+from pipelines.loaders import load_tokenizer
+from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
+from pipelines.sampling import GUIDANCE
 from pipelines.shard_reader import image_dataset, image_loader
-from pipelines.store import Artifact, StepResult, Store, cache_key
-from pipelines.token_export import export_tokens
-from pipelines.train_tokenizer import load_tokenizer, train_tokenizer
+from pipelines.store import Artifact, StepResult
 
-CODE_VERSION = "1"
 log = logging.getLogger(__name__)
 
 
-def _cached(store: Store, asset: str, config: dict, inputs: dict, on_log) -> tuple[Artifact, dict | None]:
-    artifact = store.artifact(asset, cache_key(asset, CODE_VERSION, config, inputs))
-    manifest = artifact.manifest()
-    if manifest is not None:
-        on_log(f"{asset} already materialised at {artifact.uri}")
-    return artifact, manifest
-
-
-def _commit_metrics(
-    artifact: Artifact, metrics: dict, config: dict, lineage: dict, profile: Profile, start: float
-) -> StepResult:
+def _commit_metrics(plan: Plan, target: Target, metrics: dict, config: dict) -> dict:
     """Write metrics.json and the manifest of a metric step."""
-    files = {"metrics.json": artifact.put_bytes("metrics.json", json.dumps(metrics, indent=1).encode()).__dict__}
-    manifest = artifact.commit(
+    files = {"metrics.json": target.artifact.put_json("metrics.json", metrics).__dict__}
+    return target.artifact.commit(
         files,
         config=config,
-        lineage=lineage,
-        code_version=CODE_VERSION,
+        lineage=target.inputs,
+        code_version=CODE_VERSIONS[target.asset],
         metrics=metrics,
-        profile=f"{profile.name}@{profile.version}",
+        profile=plan.label,
     )
-    return StepResult(artifact, manifest, False, time.perf_counter() - start)
-
-
-class Embedder:
-    """A torch-fidelity feature extractor: uint8 batches -> (pooled features, logits).
-
-    effnetlite0: EfficientNet-Lite0 (registered by modeling.features), 1280-d pool + 1000 logits.
-    inception: torch-fidelity's InceptionV3 from a local weights file, 2048-d pool + unbiased logits.
-    """
-
-    def __init__(self, evaluator: str, weights_path: str = ""):
-        from torch_fidelity.utils import create_feature_extractor
-
-        from modeling.features import register
-
-        self.cuda = torch.cuda.is_available()
-        if evaluator == "effnetlite0":
-            self.extractor = create_feature_extractor(register(), ["pool", "logits"], cuda=self.cuda, verbose=False)
-        elif evaluator == "inception" and weights_path:
-            self.extractor = create_feature_extractor(
-                "inception-v3-compat",
-                ["2048", "logits_unbiased"],
-                cuda=self.cuda,
-                verbose=False,
-                feature_extractor_weights_path=weights_path,
-            )
-        else:
-            raise ValueError(f"evaluator {evaluator!r} needs a local weights file (nothing is downloaded)")
-
-    @torch.no_grad()
-    def __call__(self, batches: Iterable[torch.Tensor], limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        pools, logits, seen = [], [], 0
-        for images in batches:
-            if limit:
-                images = images[: limit - seen]
-            pool, logit = self.extractor(images.cuda() if self.cuda else images)
-            pools.append(pool.float().cpu())
-            logits.append(logit.float().cpu())
-            seen += len(images)
-            if limit and seen >= limit:
-                break
-        return torch.cat(pools), torch.cat(logits)
-
-
-def evaluators(profile: Profile) -> dict[str, str]:
-    """{evaluator: weights path}: EfficientNet-Lite0 always, InceptionV3 when a weights file is configured."""
-    ev = profile.evaluation
-    return {ev.evaluator: ""} | ({"inception": ev.inception_weights} if ev.inception_weights else {})
 
 
 def _val_images(val: Artifact, batch: int) -> Iterable[torch.Tensor]:
@@ -114,35 +52,33 @@ def _val_images(val: Artifact, batch: int) -> Iterable[torch.Tensor]:
 
 
 # -- reference statistics ----------------------------------------------------------------------------
-def reference_stats(
-    profile: Profile, store: Store, val: Artifact, evaluator: str, weights: str = "", on_log=log.info
-) -> StepResult:
-    """Features and (mu, sigma) of the reference set under one evaluator, computed once and cached."""
-    from modeling.fidelity import feature_stats, save_stats, sha256_file
+def reference_stats(plan: Plan, evaluator: str, *, on_log=log.info, progress: bool = False) -> StepResult:
+    """Features and (mu, sigma) of the reference set (the first val images) under one evaluator."""
+    target = plan.reference(evaluator)
+    return cached_or_run(target, lambda: _reference(plan, target, evaluator), on_log)
 
-    start = time.perf_counter()
-    ev = profile.evaluation
-    config = {"evaluator": evaluator, "images": ev.reference_images}
-    if weights:
-        config["weights_sha256"] = sha256_file(weights)
-    artifact, manifest = _cached(store, "reference_stats", config, {"image_shards/val": val.key}, on_log)
-    if manifest is not None:
-        return StepResult(artifact, manifest, True, time.perf_counter() - start)
-    pool, _ = Embedder(evaluator, weights)(_val_images(val, ev.feature_batch), ev.reference_images)
+
+def _reference(plan: Plan, target: Target, evaluator: str) -> dict:
+    from modeling.fidelity import feature_stats, save_stats
+
+    val = plan.shards("val")
+    val.require()
+    ev, artifact = plan.profile.evaluation, target.artifact
+    embed = Embedder(evaluator, plan.evaluators[evaluator])
+    pool, _ = embed(_val_images(val.artifact, ev.feature_batch), ev.reference_images)
     mu, sigma = feature_stats(pool.numpy())
     with tempfile.TemporaryDirectory() as tmp:
         save_stats(os.path.join(tmp, "stats.npz"), mu, sigma)
         stats = artifact.put_file(os.path.join(tmp, "stats.npz"), "stats.npz").__dict__
     files = {"stats.npz": stats, "features.npy": artifact.put_bytes("features.npy", _npy(pool.numpy())).__dict__}
-    manifest = artifact.commit(
+    return artifact.commit(
         files,
-        config=config,
-        lineage={"image_shards/val": val.key},
-        code_version=CODE_VERSION,
+        config=target.config,
+        lineage=target.inputs,
+        code_version=CODE_VERSIONS[target.asset],
         counts={"images": len(pool)},
         stats_sha256=files["stats.npz"]["sha256"],
     )
-    return StepResult(artifact, manifest, False, time.perf_counter() - start)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -163,46 +99,35 @@ def load_reference(artifact: Artifact) -> tuple[np.ndarray, np.ndarray, torch.Te
     return mu, sigma, torch.from_numpy(np.load(io.BytesIO(artifact.read_bytes("features.npy"))))
 
 
-def set_metrics(pool: torch.Tensor, logits: torch.Tensor, ref: tuple, evaluator: str) -> dict[str, float]:
-    """FD, KID, precision/recall against the reference, and the IS-style score, named by evaluator."""
-    from torch_fidelity.metric_isc import isc_features_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
+def _references(plan: Plan) -> dict[str, tuple[Target, dict]]:
+    """Every evaluator's reference target and manifest (required: an input of the metric steps)."""
+    return {e: (t, t.require()) for e, t in plan.references().items()}
 
-    from modeling.fidelity import fd_from_features
 
-    mu, sigma, ref_pool = ref
-    n = min(len(pool), len(ref_pool))
-    kid = kid_features_to_metric(pool, ref_pool, kid_subset_size=min(1000, n), verbose=False)
-    prc = prc_features_to_metric(pool, ref_pool, save_cpu_ram=True, verbose=False)
-    isc = isc_features_to_metric(logits, splits=min(10, len(logits)))
-    e = evaluator
-    fd = "fid" if e == "inception" else "fd"  # only InceptionV3's Fréchet distance is a FID
+def _reference_fields(refs: dict[str, tuple[Target, dict]], main: str) -> dict[str, Any]:
+    m = refs[main][1]
     return {
-        f"{fd}_{e}": fd_from_features(pool.numpy(), mu, sigma),
-        f"kid_{e}_mean": kid["kernel_inception_distance_mean"],
-        f"kid_{e}_std": kid["kernel_inception_distance_std"],
-        f"precision_{e}": prc["precision"],
-        f"recall_{e}": prc["recall"],
-        f"is_{e}_mean": isc["inception_score_mean"],
-        f"is_{e}_std": isc["inception_score_std"],
+        "reference": "val",
+        "reference_images": m["counts"]["images"],
+        "reference_sha256": m["stats_sha256"],
+        "references": {e: rm["stats_sha256"] for e, (_, rm) in refs.items()},
     }
 
 
 # -- reconstruction metrics ---------------------------------------------------------------------------
-def reconstruction_metrics(profile: Profile, variant: str, store: Store, on_log=log.info) -> StepResult:
+def reconstruction_metrics(plan: Plan, variant: str, *, on_log=log.info, progress: bool = False) -> StepResult:
     """rFD (reconstructions of the reference images vs the reference set) and their PSNR."""
+    target = plan.reconstruction(variant)
+    return cached_or_run(target, lambda: _reconstruction(plan, target, variant), on_log)
+
+
+def _reconstruction(plan: Plan, target: Target, variant: str) -> dict:
     from modeling.tokenizer_eval import psnr
 
-    start = time.perf_counter()
-    tok = train_tokenizer(profile, variant, store, on_log=on_log, progress=False)
-    val = store.artifact("image_shards", tok.manifest["lineage"]["image_shards/val"])
-    refs = {e: reference_stats(profile, store, val, e, w, on_log) for e, w in evaluators(profile).items()}
-    ev = profile.evaluation
-    inputs = {"tokenizer": tok.artifact.key} | {f"reference_stats/{e}": r.artifact.key for e, r in refs.items()}
-    artifact, manifest = _cached(store, "reconstruction_metrics", {}, inputs, on_log)
-    if manifest is not None:
-        return StepResult(artifact, manifest, True, time.perf_counter() - start)
+    tok = plan.tokenizer(variant)
+    tok.require()
+    refs = _references(plan)
+    val, ev = plan.shards("val").artifact, plan.profile.evaluation
     tokenizer, psnrs = load_tokenizer(tok.artifact), []
 
     def reconstructions(record_psnr: bool):
@@ -215,52 +140,47 @@ def reconstruction_metrics(profile: Profile, variant: str, store: Store, on_log=
             yield ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
     metrics: dict[str, Any] = {}
-    for i, (e, w) in enumerate(evaluators(profile).items()):
-        n = refs[e].manifest["counts"]["images"]
-        pool, logits = Embedder(e, w)(reconstructions(i == 0), n)
-        for k, v in set_metrics(pool, logits, load_reference(refs[e].artifact), e).items():
+    for i, (e, w) in enumerate(plan.evaluators.items()):
+        ref_target, ref_manifest = refs[e]
+        pool, logits = Embedder(e, w)(reconstructions(i == 0), ref_manifest["counts"]["images"])
+        for k, v in set_metrics(pool, logits, load_reference(ref_target.artifact), e).items():
             metrics["r" + k if k.startswith(("fd_", "fid_")) else f"recon_{k}"] = v
-    main = refs[ev.evaluator].manifest
-    metrics |= {
-        "psnr_db": float(torch.cat(psnrs)[: main["counts"]["images"]].mean()),
-        "images": main["counts"]["images"],
-        "reference": "val",
-        "reference_images": main["counts"]["images"],
-        "reference_sha256": main["stats_sha256"],
-        "references": {e: r.manifest["stats_sha256"] for e, r in refs.items()},
-    }
-    return _commit_metrics(artifact, metrics, {"evaluators": list(refs)}, inputs, profile, start)
+    n = refs[ev.evaluator][1]["counts"]["images"]
+    metrics |= {"psnr_db": float(torch.cat(psnrs)[:n].mean()), "images": n}
+    metrics |= _reference_fields(refs, ev.evaluator)
+    return _commit_metrics(plan, target, metrics, {"evaluators": list(refs)})
 
 
 # -- generation metrics ------------------------------------------------------------------------------
-def generation_metrics(profile: Profile, variant: str, store: Store, on_log=log.info) -> StepResult:
-    """gFD, KID, precision/recall and IS-style score of the samples, with and without guidance."""
-    start = time.perf_counter()
-    runs = seeded_profiles(profile)
-    sets = [generate_samples(p, variant, store, on_log=on_log, progress=False) for p in runs]
-    samples = sets[0]
-    tok_key = samples.manifest["lineage"]["tokenizer"]
-    val_key = store.artifact("tokenizer", tok_key).manifest()["lineage"]["image_shards/val"]
-    val = store.artifact("image_shards", val_key)
-    refs = {e: reference_stats(profile, store, val, e, w, on_log) for e, w in evaluators(profile).items()}
-    ev = profile.evaluation
-    seeds = [p.sampler.seed for p in runs]
-    inputs = {"samples": samples.artifact.key} | {f"reference_stats/{e}": r.artifact.key for e, r in refs.items()}
-    inputs |= {f"samples/seed{s}": r.artifact.key for s, r in zip(seeds[1:], sets[1:], strict=True)}
-    artifact, manifest = _cached(store, "generation_metrics", {}, inputs, on_log)
-    if manifest is not None:
-        return StepResult(artifact, manifest, True, time.perf_counter() - start)
-    per_seed: dict[int, dict[str, Any]] = {s: {g: {} for g in GUIDANCE} for s in seeds}
-    for e, w in evaluators(profile).items():
-        reference, embed = load_reference(refs[e].artifact), Embedder(e, w)
-        for seed, sample_set in zip(seeds, sets, strict=True):
+def generation_metrics(plan: Plan, variant: str, *, on_log=log.info, progress: bool = False) -> StepResult:
+    """gFD, KID, precision/recall and IS-style score of every sampling run's samples, with and
+    without guidance; mean and spread over the runs when there are several."""
+    target = plan.generation(variant)
+    return cached_or_run(target, lambda: _generation(plan, target, variant, on_log), on_log)
+
+
+def _sample_metrics(sets: list[tuple[int, Target, dict]], refs: dict, plan: Plan) -> dict[int, dict[str, Any]]:
+    """{seed: {guidance: metrics}} of every sample set under every evaluator."""
+    per_seed: dict[int, dict[str, Any]] = {seed: {g: {} for g in GUIDANCE} for seed, _, _ in sets}
+    for e, w in plan.evaluators.items():
+        reference, embed = load_reference(refs[e][0].artifact), Embedder(e, w)
+        for seed, t, manifest in sets:
             for g in GUIDANCE:
-                rels = sample_set.manifest["layout"][g]
-                sub = {"shards": rels, "files": {r: sample_set.manifest["files"][r] for r in rels}}
-                images = image_dataset(sample_set.artifact, sub, rank=0, world_size=1)
-                batches = (torch.stack([im for im, _ in chunk]) for chunk in _chunks(images, ev.feature_batch))
+                rels = manifest["layout"][g]
+                sub = {"shards": rels, "files": {r: manifest["files"][r] for r in rels}}
+                images = image_dataset(t.artifact, sub, rank=0, world_size=1)
+                chunks = _chunks(images, plan.profile.evaluation.feature_batch)
+                batches = (torch.stack([im for im, _ in c]) for c in chunks)
                 pool, logits = embed(batches)
                 per_seed[seed][g] |= set_metrics(pool, logits, reference, e) | {"samples": len(pool)}
+    return per_seed
+
+
+def _generation(plan: Plan, target: Target, variant: str, on_log: Callable[[str], None]) -> dict:
+    sets = [(seed, t, t.require()) for seed, t in zip(plan.sampling_seeds, plan.samples(variant), strict=True)]
+    refs = _references(plan)
+    per_seed = _sample_metrics(sets, refs, plan)
+    seeds = list(per_seed)
     for seed in seeds:
         for g in GUIDANCE:
             on_log(f"seed {seed} {g}: " + ", ".join(f"{k}={v:.4g}" for k, v in per_seed[seed][g].items()))
@@ -275,16 +195,10 @@ def generation_metrics(profile: Profile, variant: str, store: Store, on_log=log.
             }
             for g in GUIDANCE
         }
-    main = refs[ev.evaluator].manifest
-    metrics |= {
-        "reference": "val",
-        "reference_images": main["counts"]["images"],
-        "reference_sha256": main["stats_sha256"],
-        "references": {e: r.manifest["stats_sha256"] for e, r in refs.items()},
-        "seed_rule": samples.manifest["seed_rule"],
-        "sampler": samples.manifest["config"]["sampler"],
-    }
-    return _commit_metrics(artifact, metrics, {"evaluators": list(refs)}, inputs, profile, start)
+    first = sets[0][2]
+    metrics |= _reference_fields(refs, plan.profile.evaluation.evaluator)
+    metrics |= {"seed_rule": first["seed_rule"], "sampler": first["config"]["sampler"]}
+    return _commit_metrics(plan, target, metrics, {"evaluators": list(refs)})
 
 
 def _chunks(items: Iterable, n: int) -> Iterable[list]:
@@ -299,22 +213,23 @@ def _chunks(items: Iterable, n: int) -> Iterable[list]:
 
 
 # -- linear probe -------------------------------------------------------------------------------------
-def linear_probe(profile: Profile, variant: str, store: Store, on_log=log.info) -> StepResult:
+def linear_probe(plan: Plan, variant: str, *, on_log=log.info, progress: bool = False) -> StepResult:
     """Top-1 of a logistic regression on embedded tokens (each code -> its tokenizer codebook vector):
     the prologue tokens (prologue variant), the first z_len visual tokens and all visual tokens."""
+    target = plan.probe(variant)
+    return cached_or_run(target, lambda: _probe(plan, target, variant, on_log), on_log)
+
+
+def _probe(plan: Plan, target: Target, variant: str, on_log: Callable[[str], None]) -> dict:
     from modeling.probe import embed_tokens
     from modeling.probe import linear_probe as fit
 
-    start = time.perf_counter()
-    tokens = export_tokens(profile, variant, store, on_log=on_log, progress=False)
-    ev = profile.evaluation
-    config = {"steps": ev.probe_steps, "z_len": profile.tokenizer.z_len}
-    artifact, manifest = _cached(store, "linear_probe", config, {"token_dataset": tokens.artifact.key}, on_log)
-    if manifest is not None:
-        return StepResult(artifact, manifest, True, time.perf_counter() - start)
-    tokenizer = load_tokenizer(store.artifact("tokenizer", tokens.manifest["lineage"]["tokenizer"]))
+    tokens = plan.tokens(variant)
+    tokens.require()
+    ev = plan.profile.evaluation
+    tokenizer = load_tokenizer(plan.tokenizer(variant).artifact)
     data = {split: _rows(tokens.artifact, split) for split in ("train", "val")}
-    z = profile.tokenizer.z_len
+    z = plan.profile.tokenizer.z_len
     visual_table = tokenizer.visual_quantizer.entries()
     views = {
         "first_visual": lambda p, v: embed_tokens(v[:, :z], visual_table),
@@ -329,7 +244,7 @@ def linear_probe(profile: Profile, variant: str, store: Store, on_log=log.info) 
         metrics[name] = fit(embed(tp, tv), ty, embed(vp, vv), vy, steps=ev.probe_steps, seed=0)
         on_log(f"linear probe on {name}: top-1 {metrics[name]['top1']:.4f}")
     metrics["train_rows"], metrics["val_rows"] = len(data["train"][0]), len(data["val"][0])
-    return _commit_metrics(artifact, metrics, config, {"token_dataset": tokens.artifact.key}, profile, start)
+    return _commit_metrics(plan, target, metrics, target.config)
 
 
 def _rows(artifact: Artifact, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -353,28 +268,19 @@ def _rows(artifact: Artifact, split: str) -> tuple[torch.Tensor, torch.Tensor, t
     return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
 
-STEPS = {
-    "reconstruction_metrics": reconstruction_metrics,
-    "generation_metrics": generation_metrics,
-    "linear_probe": linear_probe,
-}
+STEPS = ("reference_stats", "reconstruction_metrics", "generation_metrics", "linear_probe")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
-    parser.add_argument("--variant", action="append", help="variant(s) (default: the profile's variants)")
-    parser.add_argument("--step", choices=list(STEPS), action="append", help="step(s) (default: all)")
-    parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    profile, store = load_profile(args.profile, args.overrides), Store(args.store)
-    for variant in args.variant or profile.variants:
-        for name in args.step or STEPS:
-            r = STEPS[name](profile, variant, store, on_log=print)
-            print(f"{name}[{variant}]: {json.dumps(r.manifest['metrics'])[:400]} -> {r.artifact.uri}")
-    return 0
+    from pipelines.runner import step_main
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--step", choices=STEPS, default="generation_metrics")
+    args, rest = parser.parse_known_args(argv)
+    summary = (lambda m: f"stats sha256 {m['stats_sha256'][:12]}") if args.step == "reference_stats" else (
+        lambda m: str({k: v for k, v in m["metrics"].items() if isinstance(v, float)})[:300]
+    )
+    return step_main(__doc__ + f"\nStep: {args.step} (choose with --step).", rest, args.step, summary=summary)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 
 class LaunchError(RuntimeError):
@@ -90,14 +92,43 @@ def ranks_in_sync(model, world: int) -> bool:
     return all(g == gathered[0] for g in gathered)
 
 
-def worker_device():
-    """(rank, world size, device) of this worker process from the torchrun environment; CPU ranks on
-    one machine split its cores instead of each taking all of them."""
+@dataclass(frozen=True)
+class WorkerContext:
+    """Where one worker rank runs: its rank, the world size, its local rank and device."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: Any
+
+    def say(self, message: str) -> None:
+        """Print on rank 0 only (the parent streams it into its log)."""
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.world > 1:
+            dist.barrier()
+
+
+def worker_context(process_group: bool = False) -> WorkerContext:
+    """This worker's rank, world size and device from the torchrun environment. CPU ranks on one
+    machine split its cores instead of each taking all of them; `process_group` joins the gloo
+    (CPU) or NCCL (GPU) group when there are several ranks (DeepSpeed joins its own)."""
     import torch
+    import torch.distributed as dist
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        return rank, world, torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-    if world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    return rank, world, torch.device("cpu")
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        if world > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if process_group and world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return WorkerContext(rank, world, local_rank, device)

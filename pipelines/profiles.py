@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from modeling.ar_trainer import ARTrainConfig
+from modeling.config import NOT_IN_KEY, Config, ConfigError, from_dict, merge, parse_overrides
 from modeling.sampler import SamplerConfig
 from modeling.tokenizer import TokenizerConfig
 from modeling.tokenizer_trainer import TokenizerTrainConfig
-from pipelines.config import NOT_IN_KEY, ConfigError, from_dict, merge, parse_overrides
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SOURCE_KINDS = ("idx", "folder", "ilsvrc_tar", "kaggle_zip")
@@ -26,7 +26,7 @@ VARIANTS = ("baseline", "prologue")  # the default comparison; a profile may lis
 
 
 @dataclass
-class SourceConfig:
+class SourceConfig(Config):
     kind: str = "idx"
     """Layout of the raw images: idx (MNIST-style files), folder (<url>/<split>/<class>/<img>),
     ilsvrc_tar (ILSVRC2012 train tar of per-class tars) or kaggle_zip (Kaggle ImageNet zip)."""
@@ -51,7 +51,7 @@ class SourceConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Config):
     train: SourceConfig = field(default_factory=SourceConfig)
     """Where the training images come from."""
     val: SourceConfig = field(default_factory=lambda: SourceConfig(split="val"))
@@ -90,7 +90,7 @@ AUGMENTATIONS = ("none", "flip", "tencrop_flip")
 
 
 @dataclass
-class TokenExportConfig:
+class TokenExportConfig(Config):
     augment: str = "flip"
     """Views of each training image, one row each: none, flip (original + mirror) or tencrop_flip
     (4 corner + centre crops of the image enlarged by crop_scale, each also mirrored). Val: none."""
@@ -123,7 +123,7 @@ EVALUATORS = ("effnetlite0",)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Config):
     samples_per_class: int = 1000
     """Samples per class for each guidance setting (with and without CFG)."""
     sample_shard_size: int = 1000
@@ -158,7 +158,7 @@ class EvalConfig:
 
 
 @dataclass
-class OperationsConfig:
+class OperationsConfig(Config):
     retrain_cron: str = "0 3 * * 0"
     """Cron of the schedule that reruns the whole graph (starts stopped: switch it on in the UI)."""
     watch_interval_s: int = 300
@@ -177,7 +177,7 @@ class OperationsConfig:
 
 
 @dataclass
-class Profile:
+class Profile(Config):
     name: str = "custom"
     """Profile name, recorded in every manifest."""
     version: int = 1

@@ -6,27 +6,20 @@ typed by hand; metric columns carry their evaluator. Standalone: `python -m pipe
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
-import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.evaluate import _cached, generation_metrics, linear_probe, reconstruction_metrics
-from pipelines.profiles import Profile, load_profile
-from pipelines.store import StepResult, Store
-from pipelines.train_ar import train_ar
-from pipelines.train_tokenizer import train_tokenizer
+from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
+from pipelines.store import StepResult
 
 ASSET = "results_table"
-CODE_VERSION = "2"
 log = logging.getLogger(__name__)
 
 
@@ -42,13 +35,13 @@ def _generation_columns(ev: str) -> list[tuple[str, str, str]]:
     ]
 
 
-def _row(profile: Profile, variant: str, store: Store, on_log) -> tuple[dict[str, Any], dict[str, str]]:
-    tok = train_tokenizer(profile, variant, store, on_log=on_log, progress=False)
-    ar = train_ar(profile, variant, store, on_log=on_log, progress=False)
-    rec = reconstruction_metrics(profile, variant, store, on_log).manifest["metrics"]
-    gen = generation_metrics(profile, variant, store, on_log).manifest["metrics"]
-    probe = linear_probe(profile, variant, store, on_log).manifest["metrics"]
-    ev = profile.evaluation.evaluator
+def _row(plan: Plan, variant: str) -> dict[str, Any]:
+    """One variant's row, read from the manifests of its tokenizer, AR model and metric artefacts."""
+    tok, ar = plan.tokenizer(variant).require(), plan.ar(variant).require()
+    rec = plan.reconstruction(variant).require()["metrics"]
+    gen = plan.generation(variant).require()["metrics"]
+    probe = plan.probe(variant).require()["metrics"]
+    ev = plan.profile.evaluation.evaluator
     probe_on = "prologue" if "prologue" in probe else "first_visual"
     spread = {}  # sample std over sampling runs, when there are several
     if "over_seeds" in gen:
@@ -56,36 +49,34 @@ def _row(profile: Profile, variant: str, store: Store, on_log) -> tuple[dict[str
         gen = {g: {k: v["mean"] for k, v in gen["over_seeds"][g].items()} for g in ("cfg", "nocfg")} | {
             k: v for k, v in gen.items() if k not in ("cfg", "nocfg")
         }
-    row = {
+    inception = {}
+    if "rfid_inception" in rec:
+        inception = {
+            "rfid_inception": rec["rfid_inception"],
+            "gfid_inception_cfg": gen["cfg"]["fid_inception"],
+            "gfid_inception_nocfg": gen["nocfg"]["fid_inception"],
+            "is_inception_cfg": gen["cfg"]["is_inception_mean"],
+        }
+    return {
         "variant": variant,
         f"rfd_{ev}": rec[f"rfd_{ev}"],
         "psnr_db": rec["psnr_db"],
         **{name: gen[g][key] for name, g, key in _generation_columns(ev)},
         **spread,
         "sampling_runs": len(gen.get("seeds", [0])),
-        **(
-            {
-                "rfid_inception": rec["rfid_inception"],
-                "gfid_inception_cfg": gen["cfg"]["fid_inception"],
-                "gfid_inception_nocfg": gen["nocfg"]["fid_inception"],
-                "is_inception_cfg": gen["cfg"]["is_inception_mean"],
-            }
-            if "rfid_inception" in rec
-            else {}
-        ),
+        **inception,
         "probe_top1": probe[probe_on]["top1"],
         "probe_on": probe_on,
-        "probe_tokens": profile.tokenizer_for(variant).z_len or profile.tokenizer.z_len,
+        "probe_tokens": plan.profile.tokenizer_for(variant).z_len or plan.profile.tokenizer.z_len,
         "probe_all_visual_top1": probe["all_visual"]["top1"],
-        "tokenizer_steps": tok.manifest["counts"]["steps"],
-        "ar_parameters": ar.manifest["counts"]["parameters"],
-        "ar_steps": ar.manifest["counts"]["steps"],
-        "ar_val_ce_visual": ar.manifest["metrics"]["val_ce_visual"],
+        "tokenizer_steps": tok["counts"]["steps"],
+        "ar_parameters": ar["counts"]["parameters"],
+        "ar_steps": ar["counts"]["steps"],
+        "ar_val_ce_visual": ar["metrics"]["val_ce_visual"],
         "samples_per_guidance": int(gen["cfg"]["samples"]),
         "reference_images": gen["reference_images"],
         "reference_sha256": gen["reference_sha256"][:12],
     }
-    return row, {"tokenizer": tok.artifact.key, "ar_model": ar.artifact.key}
 
 
 def _probed(row: dict[str, Any]) -> str:
@@ -139,46 +130,35 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_table(profile: Profile, store: Store, *, on_log=log.info) -> StepResult:
-    start = time.perf_counter()
-    variants = profile.variants
-    built = [_row(profile, v, store, on_log) for v in variants]
-    rows = [r for r, _ in built]
-    inputs = {f"{k}/{v}": key for (_, keys), v in zip(built, variants, strict=True) for k, key in keys.items()}
-    ev = profile.evaluation.evaluator
-    config = {"rows": rows}  # the numbers themselves: a changed metric is a new table
-    artifact, manifest = _cached(store, ASSET, config, inputs, on_log)
-    if manifest is not None:
-        return StepResult(artifact, manifest, True, time.perf_counter() - start)
+def results_table(plan: Plan, partition: None = None, *, on_log=log.info, progress: bool = False) -> StepResult:
+    """The table of every variant of the plan; its key hashes the rows, so new numbers are a new table."""
+    rows = [_row(plan, v) for v in plan.profile.variants]
+    target = plan.results(rows)
+    return cached_or_run(target, lambda: _write(plan, target, rows), on_log)
+
+
+def _write(plan: Plan, target: Target, rows: list[dict[str, Any]]) -> dict:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buf)
-    md = markdown(rows, ev)
+    artifact, md = target.artifact, markdown(rows, plan.profile.evaluation.evaluator)
     files = {
         "results.parquet": artifact.put_bytes("results.parquet", buf.getvalue()).__dict__,
         "results.md": artifact.put_bytes("results.md", md.encode()).__dict__,
     }
-    manifest = artifact.commit(
+    return artifact.commit(
         files,
-        config={"variants": list(variants)},
-        lineage=inputs,
-        code_version=CODE_VERSION,
+        config={"variants": list(plan.profile.variants)},
+        lineage=target.inputs,
+        code_version=CODE_VERSIONS[ASSET],
         rows=rows,
-        profile=f"{profile.name}@{profile.version}",
+        profile=plan.label,
     )
-    return StepResult(artifact, manifest, False, time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
-    parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    r = results_table(load_profile(args.profile, args.overrides), Store(args.store), on_log=print)
-    print(r.artifact.read_bytes("results.md").decode())
-    print(f"-> {r.artifact.uri}")
-    return 0
+    from pipelines.runner import step_main
+
+    return step_main(__doc__, argv, ASSET, partitions=[None], summary=lambda m: f"{len(m['rows'])} rows")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Mass sampling: N images per class from a trained AR model, with and without guidance, as PNG shards.
 
-`generate_samples()` (what the `samples` asset calls) finds the AR model and its tokenizer, then
-launches the `worker` subcommand on `evaluation.processes` ranks; each rank takes every N-th shard
-task. A task is (guidance, class, chunk): `evaluation.sample_shard_size` consecutive sample indices
+`generate_samples()` (what the `samples` asset calls) takes the plan's AR model and tokenizer and,
+for each sampling run (sampler seed), launches the `worker` subcommand on `evaluation.processes`
+ranks; each rank takes every N-th shard task. A task is (guidance, class, chunk):
+`evaluation.sample_shard_size` consecutive sample indices
 of one class, sampled with the KV-cache sampler (`modeling.sampler`), decoded by the tokenizer and
 written as a WebDataset tar `samples/<guidance>-c<class>-<chunk>.tar` of lossless PNGs:
 
@@ -21,7 +22,6 @@ Standalone: `python -m pipelines.sampling --profile fashion32 --variant prologue
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -34,17 +34,17 @@ from typing import Any
 import torch
 import webdataset as wds
 
-from pipelines.cli import variant_step_main, worker_args
-from pipelines.config import from_dict, to_dict
+from modeling.config import from_dict
+from modeling.sampler import SamplerConfig
 from pipelines.images import encode_png, grid_png, to_pil
-from pipelines.launch import launch, worker_device
+from pipelines.launch import launch, worker_context
+from pipelines.loaders import load_ar, load_tokenizer
+from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.profiles import Profile
-from pipelines.store import Artifact, StepResult, Store, cache_key
-from pipelines.train_ar import load_ar, train_ar
-from pipelines.train_tokenizer import load_tokenizer
+from pipelines.runner import step_main, worker_args, worker_env
+from pipelines.store import Artifact, StepResult, Store
 
 ASSET = "samples"
-CODE_VERSION = "1"
 GUIDANCE = ("cfg", "nocfg")
 log = logging.getLogger(__name__)
 
@@ -64,43 +64,26 @@ def tasks(num_classes: int, per_class: int, shard_size: int) -> list[tuple[str, 
     return out
 
 
-def seeded_profiles(profile: Profile) -> list[Profile]:
-    """One profile per sampling run: the sampler seed, then seed + 1, ... (evaluation.sampling_runs)."""
-    first = profile.sampler.seed
+def generate_samples(
+    plan: Plan, variant: str, *, on_log: Callable[[str], None] = log.info, progress: bool = True
+) -> list[StepResult]:
+    """Sample (or find) every sampling run's sample set of one variant (one per sampler seed)."""
     return [
-        replace(profile, sampler=replace(profile.sampler, seed=first + i))
-        for i in range(profile.evaluation.sampling_runs)
+        cached_or_run(t, lambda t=t: _sample(plan, t, variant, progress, on_log), on_log) for t in plan.samples(variant)
     ]
 
 
-def generate_samples(
-    profile: Profile, variant: str, store: Store, *, on_log: Callable[[str], None] = log.info, progress: bool = True
-) -> StepResult:
-    """Sample (or find) the sample set of one variant; returns once its manifest is committed."""
-    start = time.perf_counter()
-    ar = train_ar(profile, variant, store, on_log=on_log, progress=progress)
-    tokens = store.artifact("token_dataset", ar.manifest["lineage"]["token_dataset"])
-    tok_key = tokens.manifest()["lineage"]["tokenizer"]
-    ev = profile.evaluation
-    config = {
-        "variant": variant,
-        "sampler": to_dict(profile.sampler),
-        "samples_per_class": ev.samples_per_class,
-        "shard_size": ev.sample_shard_size,
-    }
-    inputs = {"ar_model": ar.artifact.key, "tokenizer": tok_key}
-    artifact = store.artifact(ASSET, cache_key(ASSET, CODE_VERSION, config, inputs))
-    manifest = artifact.manifest()
-    if manifest is not None:
-        on_log(f"{ASSET}[{variant}] already materialised at {artifact.uri}")
-        return StepResult(artifact, manifest, True, time.perf_counter() - start)
-
-    classes = tokens.manifest()["classes"]
-    spec = {**config, "inputs": inputs, "num_classes": len(classes), "batch_size": profile.sampler.batch_size}
-    spec_record = artifact.put_bytes("spec.json", json.dumps(spec, indent=1).encode())
-    args = worker_args(store, artifact.key, progress)
-    launch("pipelines.sampling", args, ev.processes, on_line=on_log)
-
+def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log: Callable[[str], None]) -> dict:
+    ar, tok = plan.ar(variant), plan.tokenizer(variant)
+    ar.require()
+    tok_manifest = tok.require()
+    classes = plan.tokens(variant).require()["classes"]
+    ev, artifact = plan.profile.evaluation, target.artifact
+    sampler = from_dict(SamplerConfig, target.config["sampler"])
+    spec = {**target.config, "inputs": target.inputs, "num_classes": len(classes), "batch_size": sampler.batch_size}
+    spec_record = artifact.put_json("spec.json", spec)
+    launch("pipelines.sampling", worker_args(plan.store, artifact.key, progress), ev.processes,
+           on_line=on_log, env=worker_env(plan.store))
     parts = artifact.parts()
     todo = tasks(len(classes), ev.samples_per_class, ev.sample_shard_size)
     missing = [t[0] for t in todo if t[0] not in parts]
@@ -116,14 +99,14 @@ def generate_samples(
         layout[g] += list(part["files"])
         counts[g][classes[c]] += part["samples"]
         seeds[g].update(part["seeds"])
-    for rel, png in _grids(store, artifact, layout, ar.artifact, tok_key, classes, profile).items():
+    for rel, png in _grids(artifact, layout, ar.artifact, tok.artifact, classes, sampler).items():
         files[rel] = artifact.put_bytes(rel, png).__dict__
-    manifest = artifact.commit(
+    return artifact.commit(
         files,
-        profile=f"{profile.name}@{profile.version}",
-        config=config,
-        lineage=inputs,
-        code_version=CODE_VERSION,
+        profile=plan.label,
+        config=target.config,
+        lineage=target.inputs,
+        code_version=CODE_VERSIONS[ASSET],
         layout=layout,
         classes=classes,
         counts={
@@ -131,16 +114,12 @@ def generate_samples(
             "samples": {g: sum(c.values()) for g, c in counts.items()},
             "unique_seeds": {g: len(v) for g, v in seeds.items()},
         },
-        image={
-            "size": store.artifact("tokenizer", tok_key).manifest()["config"]["model"]["image_size"],
-            "format": "png",
-        },
+        image={"size": tok_manifest["config"]["model"]["image_size"], "format": "png"},
         seed_rule="blake2b-8(f'{sampler.seed}/{class}/{index}') >> 1 (modeling.sampler.sample_seed)",
     )
-    return StepResult(artifact, manifest, False, time.perf_counter() - start)
 
 
-def _grids(store, artifact, layout, ar_art, tok_key, classes, profile) -> dict[str, bytes]:
+def _grids(artifact, layout, ar_art, tok_art, classes, cfg) -> dict[str, bytes]:
     """Per-class sample grids (8 per class and guidance) and, with prologue tokens, rows that keep a
     sample's prologue and redraw its visual tokens."""
     from pipelines.shard_reader import image_dataset
@@ -158,8 +137,7 @@ def _grids(store, artifact, layout, ar_art, tok_key, classes, profile) -> dict[s
     if model.Z:
         from modeling.sampler import resample_visual, sample, sample_seeds
 
-        tokenizer = load_tokenizer(store.artifact("tokenizer", tok_key))
-        cfg = profile.sampler
+        tokenizer = load_tokenizer(tok_art)
         rows = []
         for c in range(min(len(classes), 6)):
             cls = torch.full((1,), c)
@@ -187,11 +165,12 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 def worker(store: Store, key: str, progress: bool) -> None:
     from tqdm import tqdm
 
-    from modeling.sampler import SamplerConfig, sample, sample_seeds
+    from modeling.sampler import sample, sample_seeds
 
-    rank, world, device = worker_device()
+    ctx = worker_context()
+    rank, world, device = ctx.rank, ctx.world, ctx.device
     artifact = store.artifact(ASSET, key)
-    spec = json.loads(artifact.read_bytes("spec.json"))
+    spec = artifact.read_json("spec.json")
     cfg = from_dict(SamplerConfig, spec["sampler"])
     model = load_ar(store.artifact("ar_model", spec["inputs"]["ar_model"]), device)
     tokenizer = load_tokenizer(store.artifact("tokenizer", spec["inputs"]["tokenizer"]), device)
@@ -243,7 +222,7 @@ def worker(store: Store, key: str, progress: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return variant_step_main(__doc__, argv, generate_samples, worker, lambda m: f"{m['counts']['samples']} samples")
+    return step_main(__doc__, argv, ASSET, worker=worker, summary=lambda m: f"{m['counts']['samples']} samples")
 
 
 if __name__ == "__main__":

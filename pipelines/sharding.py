@@ -5,19 +5,17 @@ assignment of images to shards is deterministic whatever the number of workers. 
 processes) each write whole shards to a local temp file, upload them and record the part; a rerun
 after a crash skips recorded parts and the manifest is written last.
 
-Standalone: `python -m pipelines.sharding --profile fashion32 --split train`.
+Standalone: `python -m pipelines.sharding --profile fashion32 [--partition train]`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import multiprocessing
 import os
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,14 +26,13 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from pipelines.config import to_dict
 from pipelines.images import encode_png, grid_png
-from pipelines.profiles import SPLITS, DataConfig, Profile, load_profile
+from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
+from pipelines.profiles import SPLITS, DataConfig
 from pipelines.sources import CorruptImage, Item, Source, open_source
-from pipelines.store import Artifact, Store, cache_key
+from pipelines.store import StepResult, Store
 
 ASSET = "image_shards"
-CODE_VERSION = "1"  # bump whenever the bytes written for the same config would change
 log = logging.getLogger(__name__)
 
 
@@ -116,89 +113,50 @@ def write_shard(task: ShardTask, source: Source | None = None) -> dict[str, Any]
     return part
 
 
-@dataclass
-class ShardResult:
-    artifact: Artifact
-    manifest: dict[str, Any]
-    cached: bool
-    seconds: float
-
-    @property
-    def shard_urls(self) -> list[str]:
-        return [self.artifact.file_uri(rel) for rel in self.manifest["shards"]]
-
-
-def split_config(data: DataConfig, split: str) -> dict[str, Any]:
-    """The part of the profile that decides the bytes of this split's shards (not `workers`)."""
-    return {
-        "split": split,
-        "source": to_dict(data.source(split)),
-        "resolution": data.resolution,
-        "resize": data.resize,
-        "shard_size": data.shard_size,
-        "preview": data.preview,
-    }
-
-
-def shards_key(data: DataConfig, split: str, fingerprint: str) -> str:
-    """Cache key of a split's shards: this asset's config plus the listing fingerprint of its source."""
-    return cache_key(ASSET, CODE_VERSION, split_config(data, split), {"raw_images": fingerprint})
-
-
-def listing_keys(profile: Profile) -> dict[str, str]:
-    """The shards' cache key of every split for the source as listed right now. A new, removed or
-    changed image changes it, so it names one arrival of data (the new-data sensor's run key)."""
-    keys = {}
-    for split in SPLITS:
-        cfg = profile.data.source(split)
-        keys[split] = shards_key(profile.data, split, open_source(cfg.kind, cfg.url, cfg.split).fingerprint())
-    return keys
+def source_for(plan: Plan, split: str) -> Source:
+    """The listed source of one split; re-opened (and checked against the listing) when the plan was
+    built from a recorded listing."""
+    source = plan.listing.sources.get(split)
+    if source is None:
+        cfg = plan.profile.data.source(split)
+        source = open_source(cfg.kind, cfg.url, cfg.split)
+        if source.fingerprint() != plan.listing.splits[split].fingerprint:
+            raise RuntimeError(f"{ASSET}[{split}]: the source at {cfg.url} changed since it was listed; list it again")
+    return source
 
 
 def shard_split(
-    profile: Profile,
-    split: str,
-    store: Store,
-    *,
-    progress: bool = True,
-    on_log: Callable[[str], None] = log.info,
-) -> ShardResult:
-    """Shard one split of the profile's source into the store; returns at once if already done."""
-    start = time.perf_counter()
-    data = profile.data
-    src_cfg = data.source(split)
-    source = open_source(src_cfg.kind, src_cfg.url, src_cfg.split)
-    items = source.items()
-    if src_cfg.limit:
-        items = items[: src_cfg.limit]
-    config = split_config(data, split)
-    fingerprint = source.fingerprint()
-    key = shards_key(data, split, fingerprint)
-    artifact = store.artifact(ASSET, key)
-    manifest = artifact.manifest()
-    if manifest is not None:
-        on_log(f"{ASSET}[{split}] already materialised at {artifact.uri}")
-        return ShardResult(artifact, manifest, cached=True, seconds=time.perf_counter() - start)
+    plan: Plan, split: str, *, progress: bool = True, on_log: Callable[[str], None] = log.info
+) -> StepResult:
+    """Shard one split of the plan's listed source into the store; returns at once if already done."""
+    target = plan.shards(split)
+    return cached_or_run(target, lambda: _shard(plan, target, split, progress, on_log), on_log)
 
+
+def _shard(plan: Plan, target: Target, split: str, progress: bool, on_log: Callable[[str], None]) -> dict:
+    data, artifact = plan.profile.data, target.artifact
+    source = source_for(plan, split)
+    items = source.items()
+    if data.source(split).limit:
+        items = items[: data.source(split).limit]
     n_shards = (len(items) + data.shard_size - 1) // data.shard_size
     names = [shard_name(split, i) for i in range(n_shards)]
     done = {k: v for k, v in artifact.parts().items() if k in names}
     if done:
-        on_log(f"resuming {ASSET}[{split}]: {len(done)}/{n_shards} shards already written at {artifact.uri}")
+        on_log(f"resuming {target.label}: {len(done)}/{n_shards} shards already written at {artifact.uri}")
     tasks = [
-        ShardTask(store, key, items[i * data.shard_size : (i + 1) * data.shard_size],
+        ShardTask(plan.store, target.key, items[i * data.shard_size : (i + 1) * data.shard_size],
                   split, i, data.resolution, data.resize)
         for i, name in enumerate(names)
         if name not in done
     ]
     on_log(f"sharding {len(items)} {split} images into {n_shards} shards with {data.workers} workers")
     bar = tqdm(total=len(items), initial=sum(p["samples"] + len(p["corrupt"]) for p in done.values()),
-               unit="img", desc=f"{ASSET}[{split}]", disable=not progress, file=sys.stderr)
+               unit="img", desc=target.label, disable=not progress, file=sys.stderr)
     for part in _run(tasks, source, data.workers):
         done[part["shard"]] = part
         bar.update(part["samples"] + len(part["corrupt"]))
     bar.close()
-
     parts = [done[n] for n in names]
     files = {rel: rec for p in parts for rel, rec in p["files"].items()}
     files["classes.json"] = artifact.put_bytes("classes.json", json.dumps(source.classes, indent=1).encode())
@@ -211,13 +169,14 @@ def shard_split(
     corrupt = [k for p in parts for k in p["corrupt"]]
     if corrupt:
         on_log(f"skipped {len(corrupt)} corrupt images, e.g. {corrupt[:5]}")
-    manifest = artifact.commit(
+    listed = plan.listing.splits[split]
+    return artifact.commit(
         files,
-        profile=f"{profile.name}@{profile.version}",
-        config=config,
-        lineage={"raw_images": {"kind": src_cfg.kind, "url": src_cfg.url, "split": src_cfg.split,
-                                "fingerprint": fingerprint}},
-        code_version=CODE_VERSION,
+        profile=plan.label,
+        config=target.config,
+        lineage={"raw_images": {"kind": listed.kind, "url": listed.url, "split": listed.split,
+                                "fingerprint": listed.fingerprint}},
+        code_version=CODE_VERSIONS[ASSET],
         shards=[rel for p in parts for rel in p["files"]],
         counts={
             "samples": sum(p["samples"] for p in parts),
@@ -229,7 +188,6 @@ def shard_split(
         corrupt_keys=corrupt,
         classes=source.classes,
     )
-    return ShardResult(artifact, manifest, cached=False, seconds=time.perf_counter() - start)
 
 
 def _run(tasks: list[ShardTask], source: Source, workers: int):
@@ -260,24 +218,9 @@ def _preview(source: Source, items: list[Item], data: DataConfig) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
-    parser.add_argument("--split", choices=["train", "val"], action="append",
-                        help="split(s) to shard (default: both)")
-    parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a profile field, e.g. --set data.workers=4")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    profile = load_profile(args.profile, args.overrides)
-    store = Store(args.store)
-    for split in args.split or ["train", "val"]:
-        r = shard_split(profile, split, store, progress=not args.no_progress, on_log=log.info)
-        c = r.manifest["counts"]
-        print(f"{split}: {c['samples']} images in {c['shards']} shards, {c['corrupt']} corrupt, "
-              f"{'cached' if r.cached else f'{r.seconds:.1f}s'} -> {r.artifact.uri}")
-    return 0
+    from pipelines.runner import step_main
+
+    return step_main(__doc__, argv, ASSET, partitions=list(SPLITS))
 
 
 if __name__ == "__main__":

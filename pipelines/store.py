@@ -142,6 +142,9 @@ class Artifact:
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.file_path(rel))
 
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
     def verify(self, manifest: Mapping[str, Any] | None = None, checksums: bool = False) -> list[str]:
         """Problems found comparing stored files with the manifest (empty list: all good)."""
         manifest = manifest or self.manifest()
@@ -171,6 +174,16 @@ class Artifact:
     def put_bytes(self, rel: str, data: bytes) -> FileRecord:
         self._write_atomic(rel, data)
         return FileRecord(len(data), hashlib.sha256(data).hexdigest())
+
+    def put_json(self, rel: str, obj: Any) -> FileRecord:
+        """A JSON file (a step's spec, its metrics) written atomically."""
+        return self.put_bytes(rel, json.dumps(obj, indent=1).encode())
+
+    def put_safetensors(self, rel: str, state_dict: Mapping[str, Any]) -> FileRecord:
+        """Weights as float32-or-native contiguous CPU tensors in one safetensors file."""
+        from safetensors.torch import save
+
+        return self.put_bytes(rel, save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}))
 
     def _write_atomic(self, rel: str, data: bytes) -> None:
         target = self.file_path(rel)

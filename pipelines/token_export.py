@@ -1,6 +1,6 @@
 """Stage 2: encode every image once with the frozen tokenizer into a pre-tokenised dataset.
 
-`export_tokens()` (what the asset calls) finds the tokenizer, runs a reconstruction sanity check
+`export_tokens()` (what the asset calls) takes the plan's tokenizer and image shards, runs a reconstruction sanity check
 (decoding the uint16 codes of a few val images must give exactly the tokenizer's reconstruction, and
 their PSNR must match the tokenizer's own figure), then launches the `worker` subcommand on
 `tokens.processes` ranks; each rank encodes every processes-th image shard (train with the
@@ -42,18 +42,18 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipelines.cli import variant_step_main, worker_args
-from pipelines.config import from_dict, key_dict, to_dict
+from modeling.config import from_dict, to_dict
 from pipelines.images import grid_png
-from pipelines.launch import launch, worker_device
-from pipelines.profiles import SPLITS, Profile, TokenExportConfig
+from pipelines.launch import launch, worker_context
+from pipelines.loaders import load_tokenizer
+from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
+from pipelines.profiles import SPLITS, TokenExportConfig
+from pipelines.runner import step_main, worker_args, worker_env
 from pipelines.shard_reader import image_dataset, image_loader
 from pipelines.sharding import shard_name
-from pipelines.store import Artifact, StepResult, Store, cache_key
-from pipelines.train_tokenizer import load_tokenizer, train_tokenizer
+from pipelines.store import Artifact, StepResult, Store
 
 ASSET = "token_dataset"
-CODE_VERSION = "1"
 FORMATS = ("parquet", "wds")
 log = logging.getLogger(__name__)
 
@@ -109,46 +109,39 @@ def encode(tokenizer, images: torch.Tensor, device: torch.device) -> tuple[np.nd
 
 # -- the parent: sanity check, launch, commit -------------------------------------------------------
 def export_tokens(
-    profile: Profile, variant: str, store: Store, *, on_log: Callable[[str], None] = log.info, progress: bool = True
+    plan: Plan, variant: str, *, on_log: Callable[[str], None] = log.info, progress: bool = True
 ) -> StepResult:
-    """Export (or find) the pre-tokenised dataset of one variant; returns once its manifest exists."""
-    start = time.perf_counter()
-    tok = train_tokenizer(profile, variant, store, on_log=on_log, progress=progress)
-    cfg = profile.tokens
-    config = {"variant": variant, "tokens": key_dict(cfg)}
-    inputs = {"tokenizer": tok.artifact.key, **tok.manifest["lineage"]}
-    artifact = store.artifact(ASSET, cache_key(ASSET, CODE_VERSION, config, inputs))
-    manifest = artifact.manifest()
-    if manifest is not None:
-        on_log(f"{ASSET}[{variant}] already materialised at {artifact.uri}")
-        return StepResult(artifact, manifest, True, time.perf_counter() - start)
+    """Export (or find) the pre-tokenised dataset of one variant from its plan tokenizer and image
+    shards; returns once its manifest exists."""
+    target = plan.tokens(variant)
+    return cached_or_run(target, lambda: _export(plan, target, variant, progress, on_log), on_log)
 
-    shards = {s: store.artifact("image_shards", tok.manifest["lineage"][f"image_shards/{s}"]) for s in SPLITS}
-    sanity, grid = sanity_check(tok.artifact, tok.manifest, shards["val"], cfg)
+
+def _export(plan: Plan, target: Target, variant: str, progress: bool, on_log: Callable[[str], None]) -> dict:
+    tok = plan.tokenizer(variant)
+    tok_manifest = tok.require()
+    shards = {s: plan.shards(s) for s in SPLITS}
+    shard_manifests = {s: t.require() for s, t in shards.items()}
+    cfg, artifact = plan.profile.tokens, target.artifact
+    sanity, grid = sanity_check(tok.artifact, tok_manifest, shards["val"].artifact, cfg)
     on_log(
         f"sanity check: stored codes decode to the tokenizer's reconstructions; PSNR {sanity['psnr_db']:.2f} dB "
         f"on {sanity['images']} val images (tokenizer: {sanity['tokenizer_psnr_db']:.2f} dB)"
     )
-    spec = {
-        "variant": variant,
-        "tokens": to_dict(cfg),
-        "tokenizer": tok.artifact.key,
-        "shards": {s: a.key for s, a in shards.items()},
-    }
+    shard_keys = {s: t.key for s, t in shards.items()}
+    spec = {"variant": variant, "tokens": to_dict(cfg), "tokenizer": tok.key, "shards": shard_keys}
     records = {
-        "spec.json": artifact.put_bytes("spec.json", json.dumps(spec, indent=1).encode()).__dict__,
+        "spec.json": artifact.put_json("spec.json", spec).__dict__,
         "sanity.png": artifact.put_bytes("sanity.png", grid_png(grid)).__dict__,
     }
-    args = worker_args(store, artifact.key, progress)
-    launch("pipelines.token_export", args, cfg.processes, on_line=on_log)
-
+    launch("pipelines.token_export", worker_args(plan.store, artifact.key, progress), cfg.processes,
+           on_line=on_log, env=worker_env(plan.store))
     parts = artifact.parts()
-    tasks = _tasks({s: a.manifest() for s, a in shards.items()})
+    tasks = _tasks(shard_manifests)
     missing = [name for name, _, _ in tasks if name not in parts]
     if missing:
         raise RuntimeError(f"{artifact.uri}: the export subprocess exited without {', '.join(missing)}")
-    model = tok.manifest["config"]["model"]
-    z_len, num_visual = model["z_len"], (model["image_size"] // model["patch_size"]) ** 2
+    codes = plan.codes(variant)
     layout: dict[str, dict[str, list]] = {f: {s: [] for s in SPLITS} for f in FORMATS}
     counts: dict[str, Any] = {"rows": {s: 0 for s in SPLITS}, "images": {s: 0 for s in SPLITS}}
     for name, split, _ in tasks:
@@ -158,31 +151,25 @@ def export_tokens(
         counts["images"][split] += part["images"]
         for fmt in FORMATS:
             layout[fmt][split].append({"file": part[fmt]["file"], "rows": part["rows"], "units": part[fmt]["units"]})
-    tokens = sum(counts["rows"].values()) * (z_len + num_visual)
+    tokens = sum(counts["rows"].values()) * (codes["z_len"] + codes["num_visual"])
     counts["tokens"] = tokens
     counts["bytes_per_token"] = {
         fmt: round(sum(records[f["file"]]["size"] for s in SPLITS for f in layout[fmt][s]) / tokens, 4)
         for fmt in FORMATS
     }
-    manifest = artifact.commit(
+    return artifact.commit(
         records,
-        profile=f"{profile.name}@{profile.version}",
-        config=config,
-        lineage=inputs,
-        code_version=CODE_VERSION,
+        profile=plan.label,
+        config=target.config,
+        lineage=target.inputs,
+        code_version=CODE_VERSIONS[ASSET],
         counts=counts,
         layout=layout,
         views=VIEWS[cfg.augment],
-        codes={
-            "z_len": z_len,
-            "num_visual": num_visual,
-            "visual_codebook": model["visual_codebook"],
-            "prologue_codebook": model["prologue_codebook"] if z_len else 0,
-        },
-        classes=shards["train"].manifest()["classes"],
+        codes=codes,
+        classes=shard_manifests["train"]["classes"],
         sanity=sanity,
     )
-    return StepResult(artifact, manifest, False, time.perf_counter() - start)
 
 
 def _tasks(shard_manifests: dict[str, dict]) -> list[tuple[str, str, str]]:
@@ -231,9 +218,10 @@ def sanity_check(tok_artifact: Artifact, tok_manifest: dict, val: Artifact, cfg:
 def worker(store: Store, key: str, progress: bool) -> None:
     from tqdm import tqdm
 
-    rank, world, device = worker_device()
+    ctx = worker_context()
+    rank, world, device = ctx.rank, ctx.world, ctx.device
     artifact = store.artifact(ASSET, key)
-    spec = json.loads(artifact.read_bytes("spec.json"))
+    spec = artifact.read_json("spec.json")
     cfg = from_dict(TokenExportConfig, spec["tokens"])
     tokenizer = load_tokenizer(store.artifact("tokenizer", spec["tokenizer"]), device)
     shards = {s: store.artifact("image_shards", k) for s, k in spec["shards"].items()}
@@ -384,12 +372,12 @@ def _write_wds(rows: dict, group: int, name: str, tmp: str, artifact: Artifact, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return variant_step_main(
+    return step_main(
         __doc__,
         argv,
-        export_tokens,
-        worker,
-        lambda m: (
+        ASSET,
+        worker=worker,
+        summary=lambda m: (
             f"{m['counts']['rows']['train']} train / {m['counts']['rows']['val']} val rows, "
             f"bytes per token {m['counts']['bytes_per_token']}"
         ),

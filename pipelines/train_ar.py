@@ -1,6 +1,6 @@
 """Stage 3: train the class-conditional AR model on a token dataset through DeepSpeed.
 
-`train_ar()` (what the asset calls) finds the token dataset, computes the cache key and, unless that
+`train_ar()` (what the asset calls) takes its target and token dataset from the plan and, unless that
 artefact exists, starts the `worker` subcommand of this module on `ar_train.processes` ranks: through
 torchrun by default, or through any runner given (the asset passes Dagster Pipes, which streams the
 rank-0 metrics into the Dagster event log). Multi-node: start the worker with the `deepspeed` or
@@ -27,18 +27,16 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from modeling.config import from_dict, to_dict
 from pipelines.checkpoints import PREFIX, latest_checkpoint
-from pipelines.cli import variant_step_main, worker_args
-from pipelines.config import from_dict, key_dict, to_dict
 from pipelines.images import loss_curves_png
-from pipelines.launch import command, ranks_in_sync, run
-from pipelines.profiles import Profile
-from pipelines.store import Artifact, StepResult, Store, cache_key
-from pipelines.token_export import export_tokens
+from pipelines.launch import command, ranks_in_sync, run, worker_context
+from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
+from pipelines.runner import step_main, worker_args, worker_env
+from pipelines.store import Artifact, StepResult, Store
 from pipelines.token_reader import token_loader
 
 ASSET = "ar_model"
-CODE_VERSION = "1"
 CURVES = ("loss", "ce_prologue", "ce_visual", "accuracy_prologue", "accuracy_visual", "lr", "tokens_per_s")
 SHOWN = ("loss", "ce_prologue", "ce_visual", "accuracy_visual", "grad_norm")
 log = logging.getLogger(__name__)
@@ -47,56 +45,48 @@ Runner = Callable[[list[str], dict[str, str]], None]  # (argv, extra environment
 
 
 def train_ar(
-    profile: Profile,
+    plan: Plan,
     variant: str,
-    store: Store,
     *,
     on_log: Callable[[str], None] = log.info,
     progress: bool = True,
     runner: Runner | None = None,
 ) -> StepResult:
-    """Train (or find) the AR model of one variant; returns once its manifest is committed."""
-    from modeling.ar_trainer import model_config
+    """Train (or find) the AR model of one variant on its plan token dataset; returns once its
+    manifest is committed."""
+    target = plan.ar(variant)
+    return cached_or_run(target, lambda: _train(plan, target, variant, progress, on_log, runner), on_log)
 
-    start = time.perf_counter()
-    tokens = export_tokens(profile, variant, store, on_log=on_log, progress=progress)
-    cfg = profile.ar_train
-    model_cfg = model_config(cfg, tokens.manifest["codes"], len(tokens.manifest["classes"]))
-    config = {"variant": variant, "model": to_dict(model_cfg), "train": key_dict(cfg)}
-    inputs = {"token_dataset": tokens.artifact.key}
-    artifact = store.artifact(ASSET, cache_key(ASSET, CODE_VERSION, config, inputs))
-    manifest = artifact.manifest()
-    if manifest is not None:
-        on_log(f"{ASSET}[{variant}] already materialised at {artifact.uri}")
-        return StepResult(artifact, manifest, True, time.perf_counter() - start)
 
+def _train(plan: Plan, target: Target, variant: str, progress: bool, on_log, runner: Runner | None) -> dict:
+    tokens = plan.tokens(variant)
+    tokens.require()
+    cfg, artifact = plan.profile.ar_train, target.artifact
     spec = {
         "variant": variant,
-        "model": config["model"],
+        "model": target.config["model"],
         "train": to_dict(cfg),
-        "token_dataset": tokens.artifact.key,
-        "profile": f"{profile.name}@{profile.version}",
+        "token_dataset": tokens.key,
+        "profile": plan.label,
     }
-    spec_record = artifact.put_bytes("spec.json", json.dumps(spec, indent=1).encode())
-    args = worker_args(store, artifact.key, progress)
-    argv, env = command("pipelines.train_ar", args, cfg.processes)
+    spec_record = artifact.put_json("spec.json", spec)
+    argv, env = command("pipelines.train_ar", worker_args(plan.store, artifact.key, progress), cfg.processes)
+    env |= worker_env(plan.store)
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for GPUs (and mpi4py)
     if runner is None:
         run(argv, env, on_line=on_log)
     else:
         runner(argv, env)
-
-    manifest = artifact.commit_trained(
+    return artifact.commit_trained(
         {"spec.json": spec_record},
         counts=("steps", "parameters"),
         recorded=("metrics", "checkpoints", "deepspeed"),
-        profile=spec["profile"],
-        config=config,
-        lineage=inputs,
-        code_version=CODE_VERSION,
+        profile=plan.label,
+        config=target.config,
+        lineage=target.inputs,
+        code_version=CODE_VERSIONS[ASSET],
     )
-    return StepResult(artifact, manifest, False, time.perf_counter() - start)
 
 
 # -- worker (one per rank) -------------------------------------------------------------------------
@@ -106,14 +96,10 @@ def worker(store: Store, key: str, progress: bool) -> None:
     from modeling.ar_model import ARConfig
     from modeling.ar_trainer import ARTrainConfig, ARTrainer, deepspeed_config
 
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    ctx = worker_context()  # DeepSpeed joins the process group itself
+    rank, world, local_rank, device = ctx.rank, ctx.world, ctx.local_rank, ctx.device
     artifact = store.artifact(ASSET, key)
-    spec = json.loads(artifact.read_bytes("spec.json"))
+    spec = artifact.read_json("spec.json")
     model_cfg, cfg = from_dict(ARConfig, spec["model"]), from_dict(ARTrainConfig, spec["train"])
     trainer = ARTrainer(model_cfg, cfg, device)
     pipes = _open_pipes() if rank == 0 else None
@@ -194,8 +180,6 @@ def _save(
 ) -> str:
     """DeepSpeed checkpoint (every rank writes its shards), uploaded per node; EMA + history by rank 0;
     then the `ckpt-` part that makes it count for resume."""
-    from safetensors.torch import save_file
-
     step = trainer.step
     tag, folder = f"step-{step:07d}", f"checkpoints/step-{step:07d}"
     trainer.engine.save_checkpoint(staging, tag=tag, save_latest=False)
@@ -209,10 +193,8 @@ def _save(
                 rel = f"{folder}/deepspeed/{os.path.relpath(local, os.path.join(staging, tag))}"
                 files[rel] = artifact.put_file(local, rel).__dict__
     if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "ema.safetensors")
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainer.ema.state_dict().items()}, local)
-            files[f"{folder}/ema.safetensors"] = artifact.put_file(local, f"{folder}/ema.safetensors").__dict__
+        ema = artifact.put_safetensors(f"{folder}/ema.safetensors", trainer.ema.state_dict())
+        files[f"{folder}/ema.safetensors"] = ema.__dict__
         state = json.dumps({"step": step, "history": history, "world_size": world}).encode()
         files[f"{folder}/state.json"] = artifact.put_bytes(f"{folder}/state.json", state).__dict__
     if world > 1:
@@ -256,22 +238,15 @@ def _resume(trainer, artifact: Artifact, record: dict, staging: str, local_rank:
 
 def _finish(artifact: Artifact, trainer, history: list[dict], metrics: dict, ds: dict) -> None:
     """Rank 0: consolidated safetensors (weights and EMA), curves, history, metrics; the `final` part."""
-    from safetensors.torch import save_file
-
-    files = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = {
-            "model/ar.safetensors": trainer.model.state_dict(),
-            "model/ar_ema.safetensors": trainer.ema.module.state_dict(),
-        }
-        for rel, sd in weights.items():
-            local = os.path.join(tmp, os.path.basename(rel))
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in sd.items()}, local)
-            files[rel] = artifact.put_file(local, rel).__dict__
+    weights = {"model/ar.safetensors": trainer.model, "model/ar_ema.safetensors": trainer.ema.module}
+    files = {
+        rel: artifact.put_safetensors(rel, {k: v.float() for k, v in m.state_dict().items()}).__dict__
+        for rel, m in weights.items()
+    }
     files["loss_curves.png"] = artifact.put_bytes("loss_curves.png", loss_curves_png(history, CURVES)).__dict__
     lines = "".join(json.dumps(h) + "\n" for h in history).encode()
     files["history.jsonl"] = artifact.put_bytes("history.jsonl", lines).__dict__
-    files["metrics.json"] = artifact.put_bytes("metrics.json", json.dumps(metrics, indent=1).encode()).__dict__
+    files["metrics.json"] = artifact.put_json("metrics.json", metrics).__dict__
     ds_json = json.dumps(ds["config"], indent=1).encode()  # what DeepSpeed ran with, reusable as-is
     files["deepspeed_config.json"] = artifact.put_bytes("deepspeed_config.json", ds_json).__dict__
     checkpoints = sorted(p["folder"] for n, p in artifact.parts().items() if n.startswith(PREFIX))
@@ -288,27 +263,13 @@ def _finish(artifact: Artifact, trainer, history: list[dict], metrics: dict, ds:
     )
 
 
-def load_ar(artifact: Artifact, device: torch.device | str = "cpu", ema: bool = True):
-    """The trained AR model (EMA weights by default) of a materialised `ar_model` artefact, in eval mode."""
-    from safetensors.torch import load
-
-    from modeling.ar_model import ARConfig, ARModel
-
-    manifest = artifact.manifest()
-    if manifest is None:
-        raise FileNotFoundError(f"{artifact.uri}: AR model not materialised (no manifest)")
-    model = ARModel(from_dict(ARConfig, manifest["config"]["model"]))
-    model.load_state_dict(load(artifact.read_bytes("model/ar_ema.safetensors" if ema else "model/ar.safetensors")))
-    return model.to(device).eval()
-
-
 def main(argv: list[str] | None = None) -> int:
-    return variant_step_main(
+    return step_main(
         __doc__,
         argv,
-        train_ar,
-        worker,
-        lambda m: (
+        ASSET,
+        worker=worker,
+        summary=lambda m: (
             f"final train loss {m['metrics']['final']['loss']:.4f}, val ce_visual {m['metrics']['val_ce_visual']:.4f}"
         ),
     )

@@ -1,7 +1,7 @@
 """Train a stage-1 tokenizer variant from the image shards in the store.
 
-`train_tokenizer()` (what the asset calls) resolves the shards, computes the cache key and, unless
-that artefact already exists, launches the `worker` subcommand of this module as a subprocess on
+`train_tokenizer()` (what the asset calls) takes its target and input shards from the plan and,
+unless that artefact already exists, launches the `worker` subcommand of this module as a subprocess on
 `tokenizer_train.processes` ranks (torchrun; gloo on CPU, NCCL on GPU). The worker resumes from
 the newest checkpoint in the store, trains, checkpoints every N steps, and rank 0 evaluates the
 EMA weights on val and writes the outputs; the parent then commits the manifest.
@@ -13,79 +13,60 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from modeling.config import from_dict, to_dict
 from pipelines.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from pipelines.cli import variant_step_main, worker_args
-from pipelines.config import from_dict, key_dict, to_dict
 from pipelines.images import grid_png, loss_curves_png
-from pipelines.launch import launch, ranks_in_sync
-from pipelines.profiles import SPLITS, Profile
+from pipelines.launch import launch, ranks_in_sync, worker_context
+from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
+from pipelines.profiles import SPLITS
+from pipelines.runner import step_main, worker_args, worker_env
 from pipelines.shard_reader import image_loader
-from pipelines.sharding import shard_split
-from pipelines.store import Artifact, StepResult, Store, cache_key
+from pipelines.store import Artifact, StepResult, Store
 
 ASSET = "tokenizer"
-CODE_VERSION = "1"
 log = logging.getLogger(__name__)
 CURVES = ("l1", "l2", "vq", "ce_prologue", "ce_visual", "prior_ce_prologue", "prior_ce_visual", "gan_g", "gan_d")
 
 
 def train_tokenizer(
-    profile: Profile, variant: str, store: Store, *, on_log: Callable[[str], None] = log.info, progress: bool = True
+    plan: Plan, variant: str, *, on_log: Callable[[str], None] = log.info, progress: bool = True
 ) -> StepResult:
-    """Train (or find) the tokenizer of one variant; returns once its manifest is committed."""
-    start = time.perf_counter()
-    model_cfg = profile.tokenizer_for(variant)
-    shards = {s: shard_split(profile, s, store, progress=progress, on_log=on_log) for s in SPLITS}
-    config = {"variant": variant, "model": key_dict(model_cfg), "train": key_dict(profile.tokenizer_train)}
-    inputs = {f"image_shards/{s}": r.artifact.key for s, r in shards.items()}
-    if model_cfg.post_hoc:  # Prologue-Post: the prologue path is trained on top of the trained 2D tokenizer
-        base = train_tokenizer(profile, "baseline", store, on_log=on_log, progress=progress)
-        inputs[f"{ASSET}/baseline"] = base.artifact.key
-    artifact = store.artifact(ASSET, cache_key(ASSET, CODE_VERSION, config, inputs))
-    manifest = artifact.manifest()
-    if manifest is not None:
-        on_log(f"{ASSET}[{variant}] already materialised at {artifact.uri}")
-        return StepResult(artifact, manifest, True, time.perf_counter() - start)
+    """Train (or find) the tokenizer of one variant from the plan's image shards (and, for
+    Prologue-Post, its trained baseline); returns once the manifest is committed."""
+    target = plan.tokenizer(variant)
+    return cached_or_run(target, lambda: _train(plan, target, variant, progress, on_log), on_log)
 
+
+def _train(plan: Plan, target: Target, variant: str, progress: bool, on_log: Callable[[str], None]) -> dict:
+    for s in SPLITS:
+        plan.shards(s).require()
+    base = plan.base_tokenizer(variant)
+    if base is not None:
+        base.require()
+    train = plan.profile.tokenizer_train
+    artifact = target.artifact
     spec = {
         "variant": variant,
-        "model": config["model"],
-        "train": to_dict(profile.tokenizer_train),
-        "shards": {k: v for k, v in inputs.items() if k.startswith("image_shards/")},
-        "base": inputs.get(f"{ASSET}/baseline"),
-        "profile": f"{profile.name}@{profile.version}",
+        "model": target.config["model"],
+        "train": to_dict(train),
+        "shards": {k: v for k, v in target.inputs.items() if k.startswith("image_shards/")},
+        "base": base.key if base is not None else None,
+        "profile": plan.label,
     }
-    spec_record = artifact.put_bytes("spec.json", json.dumps(spec, indent=1).encode())
-    args = worker_args(store, artifact.key, progress)
-    launch("pipelines.train_tokenizer", args, profile.tokenizer_train.processes, on_line=on_log)
-
-    manifest = artifact.commit_trained(
-        {"spec.json": spec_record}, profile=spec["profile"], config=config, lineage=inputs, code_version=CODE_VERSION
+    spec_record = artifact.put_json("spec.json", spec)
+    launch("pipelines.train_tokenizer", worker_args(plan.store, artifact.key, progress), train.processes,
+           on_line=on_log, env=worker_env(plan.store))
+    return artifact.commit_trained(
+        {"spec.json": spec_record}, profile=plan.label, config=target.config, lineage=target.inputs,
+        code_version=CODE_VERSIONS[ASSET],
     )
-    return StepResult(artifact, manifest, False, time.perf_counter() - start)
-
-
-def load_tokenizer(artifact: Artifact, device: torch.device | str = "cpu"):
-    """The trained tokenizer (EMA weights) of a materialised `tokenizer` artefact, in eval mode."""
-    from safetensors.torch import load
-
-    from modeling.tokenizer import Tokenizer, TokenizerConfig
-
-    manifest = artifact.manifest()
-    if manifest is None:
-        raise FileNotFoundError(f"{artifact.uri}: tokenizer not materialised (no manifest)")
-    tokenizer = Tokenizer(from_dict(TokenizerConfig, manifest["config"]["model"]))
-    tokenizer.load_state_dict(load(artifact.read_bytes("model/tokenizer.safetensors")))
-    return tokenizer.to(device).eval()
 
 
 # -- worker (one per rank) -------------------------------------------------------------------------
@@ -112,16 +93,10 @@ def worker(store: Store, key: str, progress: bool) -> None:
     from modeling.tokenizer_eval import evaluate
     from modeling.tokenizer_trainer import TokenizerTrainConfig, TokenizerTrainer
 
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if world > 1:
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+    ctx = worker_context(process_group=True)
+    rank, world, device = ctx.rank, ctx.world, ctx.device
     artifact = store.artifact(ASSET, key)
-    spec = json.loads(artifact.read_bytes("spec.json"))
+    spec = artifact.read_json("spec.json")
     model_cfg = from_dict(TokenizerConfig, spec["model"])
     cfg = from_dict(TokenizerTrainConfig, spec["train"])
     base = None
@@ -196,27 +171,20 @@ def worker(store: Store, key: str, progress: bool) -> None:
 
 def _finish(artifact: Artifact, trainer, val: Artifact, cfg, history: list[dict], evaluate, extra: dict) -> None:
     """Rank 0: evaluate the EMA tokenizer on val, write the outputs, record the `final` part."""
-    from safetensors.torch import save_file
-
     ema = trainer.ema.module
     val_batches = (images for images, _ in image_loader(val, 250, num_workers=0, rank=0, world_size=1))
     metrics, grid = evaluate(ema, val_batches, max_images=cfg.eval_images)
     metrics.update(extra)
-    files = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = {"model/tokenizer.safetensors": ema.state_dict()}
-        if trainer.prior is not None:
-            weights["model/prior.safetensors"] = trainer.prior.state_dict()
-        for rel, sd in weights.items():
-            local = os.path.join(tmp, os.path.basename(rel))
-            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, local)
-            files[rel] = artifact.put_file(local, rel).__dict__
+    weights = {"model/tokenizer.safetensors": ema}
+    if trainer.prior is not None:
+        weights["model/prior.safetensors"] = trainer.prior
+    files = {rel: artifact.put_safetensors(rel, m.state_dict()).__dict__ for rel, m in weights.items()}
     files["reconstructions.png"] = artifact.put_bytes("reconstructions.png", grid_png(grid)).__dict__
     files["loss_curves.png"] = artifact.put_bytes("loss_curves.png", loss_curves_png(history, CURVES)).__dict__
     files["history.jsonl"] = artifact.put_bytes(
         "history.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode()
     ).__dict__
-    files["metrics.json"] = artifact.put_bytes("metrics.json", json.dumps(metrics, indent=1).encode()).__dict__
+    files["metrics.json"] = artifact.put_json("metrics.json", metrics).__dict__
     checkpoints = sorted(p["folder"] for n, p in artifact.parts().items() if n.startswith("ckpt-"))
     artifact.record_part(
         "final", {"files": files, "metrics": metrics, "steps": trainer.step, "checkpoints": checkpoints}
@@ -240,12 +208,12 @@ def _progress(enabled: bool, total: int, initial: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return variant_step_main(
+    return step_main(
         __doc__,
         argv,
-        train_tokenizer,
-        worker,
-        lambda m: (
+        ASSET,
+        worker=worker,
+        summary=lambda m: (
             f"val PSNR {m['metrics']['psnr_db']:.2f} dB, visual codes used "
             f"{m['metrics']['visual_codes']['fraction_used']:.1%}"
         ),

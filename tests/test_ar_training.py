@@ -134,7 +134,7 @@ def test_asset_streams_metrics_through_dagster_pipes(tmp_path, fashion_mnist):
 
 @pytest.mark.parametrize("field,value", [("ar_train.size", "huge"), ("ar_train.zero_stage", "3")])
 def test_bad_ar_config_names_the_field(field, value):
-    from pipelines.config import ConfigError
+    from modeling.config import ConfigError
 
     with pytest.raises(ConfigError, match=field.split(".")[1]):
         load_profile("tiny", [f"{field}={value}"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modeling.ar_model import AR_SIZES, ARConfig, ARModel
-from pipelines.config import ConfigError, field_docs, from_dict
+from modeling.config import ConfigError, field_docs, from_dict
 
 B, C, Z, N, V, P = 4, 5, 3, 6, 16, 8  # batch, classes, prologue tokens, visual tokens, codebook sizes
 

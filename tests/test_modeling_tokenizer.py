@@ -12,11 +12,11 @@ import torch.nn.functional as F
 import torchvision
 
 from modeling.blocks import Transformer, grid_rope, rope_1d
+from modeling.config import ConfigError, field_docs, from_dict
 from modeling.discriminator import PatchDiscriminator, PerceptualLoss, d_hinge_loss, g_loss
 from modeling.joint_prior import JointPrior
 from modeling.quantizers import PrologueQuantizer, VisualQuantizer
 from modeling.tokenizer import Decoder, Tokenizer, TokenizerConfig
-from pipelines.config import ConfigError, field_docs, from_dict
 
 B, Z, N, V, P = 3, 4, 16, 64, 16  # batch, prologue tokens, visual tokens (16/4)^2, codebook sizes
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipelines.config import ConfigError, field_docs, key_dict, to_dict
+from modeling.config import ConfigError, field_docs, key_dict, to_dict
 from pipelines.profiles import PROFILES, DataConfig, Profile, SourceConfig, load_profile
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from modeling.ar_model import AR_SIZES, ARConfig, ARModel
+from modeling.config import ConfigError, field_docs, from_dict
 from modeling.sampler import (
     SamplerConfig,
     cosine_ramp,
@@ -21,7 +22,6 @@ from modeling.sampler import (
     sample_seed,
     sample_seeds,
 )
-from pipelines.config import ConfigError, field_docs, from_dict
 
 C, Z, N, V, P = 5, 3, 6, 16, 8  # classes, prologue tokens, visual tokens, codebook sizes
 

@@ -1,8 +1,9 @@
-"""Typed configuration: dataclasses built from plain dicts, validated before any work starts.
+"""Typed configuration: dataclasses built from plain dicts, validated whenever they are built.
 
-Every config class is a dataclass whose fields carry a docstring (the string literal under the
-field). `from_dict` rejects unknown fields and wrong types with a `ConfigError` naming the dotted
-path of the field; each class may add value checks in `validate()`.
+Every config class is a dataclass deriving from `Config` whose fields carry a docstring (the string
+literal under the field). Its `validate()` runs in `__post_init__`, so the constructor, `from_dict`
+and `dataclasses.replace` can never produce an invalid config. `from_dict` rejects unknown fields
+and wrong types with a `ConfigError` naming the dotted path of the field.
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the field."""
 
 
+class Config:
+    """Base of every config dataclass: `validate()` runs whenever an instance is built."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Value checks of this class (nested configs validated themselves when built); raise a
+        `ConfigError` whose message starts with the field name."""
+
+
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     """Build dataclass `cls` from `data`, recursing into nested dataclasses, then validate it."""
     if not isinstance(data, dict):
@@ -39,32 +51,17 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
             value = merge(dataclasses.asdict(default), value)  # nested defaults survive a partial override
         values[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
     try:
-        obj = cls(**values)
+        return cls(**values)
     except TypeError as e:  # a required field without default is missing
         raise ConfigError(f"{path or cls.__name__}: {e}") from None
-    validate(obj, path)
-    return obj
+    except ConfigError as e:  # from validate(): prefix the path of this config
+        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
 
 
 def _default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return f.default
-
-
-def validate(obj: Any, path: str = "") -> None:
-    """Run `validate()` of `obj` and of every nested dataclass, prefixing errors with the field path."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            validate(value, f"{path}.{f.name}" if path else f.name)
-    check = getattr(obj, "validate", None)
-    if check is None:
-        return
-    try:
-        check()
-    except ConfigError as e:
-        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:

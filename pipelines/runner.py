@@ -1,0 +1,127 @@
+"""Run a plan's missing steps in order: what the standalone CLIs do (Dagster does it for the assets).
+
+`python -m pipelines.<step> --profile P [--partition X ...]` lists the source once, computes the
+plan and runs every missing upstream step of the chosen partitions, upstream first, announcing
+each; what is already in the store is reused. The internal `worker` subcommand runs one rank of a
+step's distributed worker (started by the step itself, by torchrun or by the deepspeed launcher).
+
+python -m pipelines.<step> [--profile P] [--partition X ...] [--store URL] [--set FIELD=VALUE ...] [--no-progress]
+python -m pipelines.<step> worker --store URL --key KEY [--no-progress]   (internal)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from pipelines.plan import Plan
+from pipelines.profiles import load_profile
+from pipelines.store import StepResult, Store
+
+Step = Callable[..., StepResult | list[StepResult]]  # (plan, partition, *, on_log, progress)
+
+
+def steps() -> dict[str, Step]:
+    """Every asset's step function, by asset name (imported here, never by another step)."""
+    from pipelines import evaluate, results, sampling, sharding, token_export, train_ar, train_tokenizer
+
+    return {
+        "image_shards": sharding.shard_split,
+        "tokenizer": train_tokenizer.train_tokenizer,
+        "token_dataset": token_export.export_tokens,
+        "ar_model": train_ar.train_ar,
+        "samples": sampling.generate_samples,
+        "reference_stats": evaluate.reference_stats,
+        "reconstruction_metrics": evaluate.reconstruction_metrics,
+        "generation_metrics": evaluate.generation_metrics,
+        "linear_probe": evaluate.linear_probe,
+        "results_table": results.results_table,
+    }
+
+
+def materialised(plan: Plan, asset: str, partition: str | None) -> bool:
+    targets = plan.targets(asset, partition)
+    return bool(targets) and all(t.manifest() is not None for t in targets)
+
+
+def run_missing(
+    plan: Plan,
+    asset: str,
+    partitions: list[str | None],
+    *,
+    on_log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str | None, StepResult | list[StepResult]]:
+    """Run every missing step that `asset[partition]` needs, upstream first, then the asset itself;
+    returns the asset's result per partition."""
+    order: list[tuple[str, str | None]] = []
+    for p in partitions:
+        order += [n for n in plan.order(asset, p) if n not in order]
+    todo = [n for n in order if n[0] == asset or not materialised(plan, *n)]
+    registry, out = steps(), {}
+    for i, (a, p) in enumerate(todo, 1):
+        label = f"{a}[{p}]" if p is not None else a
+        state = "in the store" if materialised(plan, a, p) else "missing: running it"
+        on_log(f"==> [{i}/{len(todo)}] {label} ({state})")
+        result = registry[a](plan, p, on_log=on_log, progress=progress)
+        if a == asset:
+            out[p] = result
+    return out
+
+
+def worker_args(store: Store, key: str, progress: bool) -> list[str]:
+    """The arguments a step passes to its module's `worker` subcommand. The store's storage options
+    travel in PROLOGUE_STORE_OPTIONS (see `worker_env`), not on the command line."""
+    return ["worker", "--store", store.url, "--key", key] + ([] if progress else ["--no-progress"])
+
+
+def worker_env(store: Store) -> dict[str, str]:
+    """Environment for a worker subprocess: the store's options (credentials stay out of `ps`)."""
+    return {"PROLOGUE_STORE_OPTIONS": json.dumps(store.storage_options)}
+
+
+def step_main(
+    doc: str,
+    argv: list[str] | None,
+    asset: str,
+    *,
+    partitions: list[str] | None = None,
+    worker: Callable[[Store, str, bool], None] | None = None,
+    summary: Callable[[dict[str, Any]], str] = lambda m: "",
+) -> int:
+    """The command line of one step: run one worker rank, or the step (and its missing upstream)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if worker is not None:
+        sub = parser.add_subparsers(dest="command")
+        w = sub.add_parser("worker", help="(internal) one rank, started by the step itself (or torchrun, deepspeed)")
+        w.add_argument("--store", required=True)
+        w.add_argument("--key", required=True)
+        w.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
+    if partitions is None or len(partitions) > 1:
+        parser.add_argument("--partition", "--variant", "--split", dest="partitions", action="append",
+                            help="partition(s) to materialise (default: all of the profile's)")
+    parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a profile field, e.g. --set data.workers=4")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "worker":
+        options = json.loads(os.environ.get("PROLOGUE_STORE_OPTIONS", "{}"))
+        worker(Store(args.store, options), args.key, not args.no_progress)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    profile = load_profile(args.profile, args.overrides)
+    plan = Plan.from_listing(profile, Store(args.store))
+    chosen = getattr(args, "partitions", None) or partitions or profile.variants
+    results = run_missing(plan, asset, chosen, progress=not args.no_progress)
+    for p, result in results.items():
+        first = result[0] if isinstance(result, list) else result
+        done = "(cached)" if first.cached else f"in {first.seconds:.0f}s"
+        label = f"{asset}[{p}]" if p is not None else asset
+        print(f"{label}: {summary(first.manifest)} {done} -> {first.artifact.uri}")
+    return 0
