@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from bench.common import machine, report
-from pipelines.evaluate import Embedder, _val_images
+from modeling.fidelity import Embedder
+from pipelines.evaluate import _val_images
+from pipelines.plan import Plan
 from pipelines.profiles import load_profile
 from pipelines.sharding import shard_split
 from pipelines.store import Store
@@ -37,7 +39,7 @@ def main() -> int:
     embed = Embedder("effnetlite0")
     with tempfile.TemporaryDirectory() as tmp:
         profile = load_profile("fashion32", [f"data.val.limit={args.images}", "data.workers=1"])
-        val = shard_split(profile, "val", Store(tmp), progress=False).artifact
+        val = shard_split(Plan.from_listing(profile, Store(tmp)), "val", progress=False).artifact
         decoded = list(_val_images(val, args.batch))
         embed(decoded[:1])  # warm-up: weights in cache, kernels chosen
         end_to_end, network = [], []

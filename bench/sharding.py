@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, report
+from pipelines.plan import Plan
 from pipelines.profiles import load_profile
 from pipelines.sharding import shard_split
 from pipelines.store import Store
@@ -27,7 +28,7 @@ from pipelines.store import Store
 def run(images: int, workers: int, store_url: str) -> tuple[float, dict]:
     profile = load_profile("fashion32", [f"data.train.limit={images}", "data.shard_size=1000",
                                          f"data.workers={workers}", "data.preview=0"])
-    result = shard_split(profile, "train", Store(store_url), progress=False, on_log=lambda _: None)
+    result = shard_split(Plan.from_listing(profile, Store(store_url)), "train", progress=False, on_log=lambda _: None)
     assert not result.cached and result.manifest["counts"]["samples"] == images
     return images / result.seconds, result.manifest["files"]
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from bench.common import machine, save_json
 from pipelines.store import Store
-from pipelines.token_export import _write_parquet, _write_wds
 from pipelines.token_reader import token_loader
+from pipelines.workers.export import _write_parquet, _write_wds
 
 Z, N, V, P, FILE_ROWS, GROUP = 4, 64, 512, 64, 10_000, 4096
 

@@ -1,7 +1,8 @@
 """Train `ar_model` across several nodes, started from node 0 (see deploy/multinode.md).
 
-`pipelines.train_ar.train_ar()` computes the cache key, writes `spec.json`, hands the worker
-command to a runner and, when the runner returns, commits the manifest. Its built-in runner is
+Missing upstream artefacts (token dataset, tokenizer, shards) are materialised first, each announced;
+then `pipelines.train_ar.train_ar()` writes `spec.json`, hands the worker command
+(`pipelines.workers.ar`) to a runner and, when the runner returns, commits the manifest. Its built-in runner is
 one node (`torchrun --nproc_per_node`). This script passes a runner that prints the launch command
 of nodes 1..N-1, runs node 0's share itself (it waits at the rendezvous until every node has
 joined) and returns when all ranks are done. No ssh between nodes is needed.
@@ -24,11 +25,13 @@ import shlex
 import sys
 
 from pipelines.launch import run
+from pipelines.plan import Plan
 from pipelines.profiles import VARIANTS, load_profile
+from pipelines.runner import run_missing
 from pipelines.store import Store
 from pipelines.train_ar import train_ar
 
-MODULE = "pipelines.train_ar"
+MODULE = "pipelines.workers.ar"
 # The launchers set these per rank; the one-rank environment of pipelines.launch.command() must not leak in.
 RANK_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"ar_train.processes={total} does not split evenly over {nodes} nodes")
 
     def runner(argv: list[str], env: dict[str, str]) -> None:
-        worker = argv[argv.index(MODULE) + 1 :]  # worker --store ... --key ... --storage-options ...
+        worker = argv[argv.index(MODULE) + 1 :]  # --store ... --key ...
         extra = {k: v for k, v in env.items() if k not in RANK_ENV}
         prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in extra.items())
         for node in range(1, nodes):
@@ -92,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"==> node 0: starting its ranks ({total} in all); they wait until every node has joined", flush=True)
         run(node_command(args, worker, 0, nodes, per_node), extra)
 
-    result = train_ar(profile, args.variant, Store(args.store), on_log=print, progress=False, runner=runner)
+    plan = Plan.from_listing(profile, Store(args.store))
+    run_missing(plan, "token_dataset", [args.variant], progress=False)  # on this node, announced
+    result = train_ar(plan, args.variant, on_log=print, progress=False, runner=runner)
     print(f"{args.variant}: {'cached' if result.cached else 'trained'} -> {result.artifact.uri}")
     return 0
 

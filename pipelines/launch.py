@@ -1,14 +1,16 @@
-"""Launch a training module as a subprocess: one process, or N data-parallel ones via torchrun.
+"""Launch a step's worker as a subprocess: one process, or N data-parallel ones via torchrun.
 
 `command()` builds the command line and environment (the torchrun contract: RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so that another runner (Dagster Pipes) can start it too.
-`launch()` runs it, streaming output line by line to a callback (the Dagster log or stdout); a
-non-zero exit raises with the last lines of output, so a failed rank is visible where it ran.
+`launch_worker()` runs a worker of `pipelines.workers`, streaming output line by line to a callback
+(the Dagster log or stdout); a non-zero exit raises with the last lines of output, so a failed
+rank is visible where it ran.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import socket
 import subprocess
@@ -66,16 +68,20 @@ def run(argv: list[str], env: dict[str, str], on_line: Callable[[str], None] = p
         raise LaunchError(f"{' '.join(argv[:6])} ... exited with {code}; last output:\n" + "\n".join(tail))
 
 
-def launch(
-    module: str,
-    args: list[str],
-    processes: int = 1,
-    on_line: Callable[[str], None] = print,
-    env: dict[str, str] | None = None,
+def worker_command(name: str, store, key: str, processes: int = 1, progress: bool = True) -> tuple[list[str], dict]:
+    """(argv, extra environment) of worker `pipelines.workers.<name>` for one artefact on `processes`
+    local ranks. The store's storage options travel in PROLOGUE_STORE_OPTIONS, not on the command line
+    (where `ps` would show credentials)."""
+    args = ["--store", store.url, "--key", key] + ([] if progress else ["--no-progress"])
+    argv, env = command(f"pipelines.workers.{name}", args, processes)
+    return argv, {**env, "PROLOGUE_STORE_OPTIONS": json.dumps(store.storage_options)}
+
+
+def launch_worker(
+    name: str, store, key: str, processes: int = 1, progress: bool = True, on_line: Callable[[str], None] = print
 ) -> None:
-    """Run `python -m module args` on `processes` local ranks (torchrun when more than one)."""
-    argv, extra = command(module, args, processes)
-    run(argv, {**(env or {}), **extra}, on_line)
+    """Run worker `pipelines.workers.<name>` on `processes` local ranks (torchrun when more than one)."""
+    run(*worker_command(name, store, key, processes, progress), on_line)
 
 
 def ranks_in_sync(model, world: int) -> bool:
@@ -105,6 +111,13 @@ class WorkerContext:
         """Print on rank 0 only (the parent streams it into its log)."""
         if self.rank == 0:
             print(message, flush=True)
+
+    def progress(self, total: int, initial: int = 0, unit: str = "step", enabled: bool = True):
+        """A progress bar on rank 0 when stderr is a terminal (log lines carry progress elsewhere)."""
+        from tqdm import tqdm
+
+        show = enabled and self.rank == 0 and sys.stderr.isatty()
+        return tqdm(total=total, initial=initial, unit=unit, disable=not show)
 
     def barrier(self) -> None:
         import torch.distributed as dist

@@ -2,17 +2,14 @@
 
 `python -m pipelines.<step> --profile P [--partition X ...]` lists the source once, computes the
 plan and runs every missing upstream step of the chosen partitions, upstream first, announcing
-each; what is already in the store is reused. The internal `worker` subcommand runs one rank of a
-step's distributed worker (started by the step itself, by torchrun or by the deepspeed launcher).
+each; what is already in the store is reused.
 
 python -m pipelines.<step> [--profile P] [--partition X ...] [--store URL] [--set FIELD=VALUE ...] [--no-progress]
-python -m pipelines.<step> worker --store URL --key KEY [--no-progress]   (internal)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -73,34 +70,16 @@ def run_missing(
     return out
 
 
-def worker_args(store: Store, key: str, progress: bool) -> list[str]:
-    """The arguments a step passes to its module's `worker` subcommand. The store's storage options
-    travel in PROLOGUE_STORE_OPTIONS (see `worker_env`), not on the command line."""
-    return ["worker", "--store", store.url, "--key", key] + ([] if progress else ["--no-progress"])
-
-
-def worker_env(store: Store) -> dict[str, str]:
-    """Environment for a worker subprocess: the store's options (credentials stay out of `ps`)."""
-    return {"PROLOGUE_STORE_OPTIONS": json.dumps(store.storage_options)}
-
-
 def step_main(
     doc: str,
     argv: list[str] | None,
     asset: str,
     *,
     partitions: list[str] | None = None,
-    worker: Callable[[Store, str, bool], None] | None = None,
     summary: Callable[[dict[str, Any]], str] = lambda m: "",
 ) -> int:
-    """The command line of one step: run one worker rank, or the step (and its missing upstream)."""
+    """The command line of one step: the step for the chosen partitions, and its missing upstream."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    if worker is not None:
-        sub = parser.add_subparsers(dest="command")
-        w = sub.add_parser("worker", help="(internal) one rank, started by the step itself (or torchrun, deepspeed)")
-        w.add_argument("--store", required=True)
-        w.add_argument("--key", required=True)
-        w.add_argument("--no-progress", action="store_true")
     parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
     if partitions is None or len(partitions) > 1:
         parser.add_argument("--partition", "--variant", "--split", dest="partitions", action="append",
@@ -110,10 +89,6 @@ def step_main(
                         help="override a profile field, e.g. --set data.workers=4")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if getattr(args, "command", None) == "worker":
-        options = json.loads(os.environ.get("PROLOGUE_STORE_OPTIONS", "{}"))
-        worker(Store(args.store, options), args.key, not args.no_progress)
-        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     profile = load_profile(args.profile, args.overrides)
     plan = Plan.from_listing(profile, Store(args.store))

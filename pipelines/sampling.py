@@ -1,7 +1,7 @@
 """Mass sampling: N images per class from a trained AR model, with and without guidance, as PNG shards.
 
 `generate_samples()` (what the `samples` asset calls) takes the plan's AR model and tokenizer and,
-for each sampling run (sampler seed), launches the `worker` subcommand on `evaluation.processes`
+for each sampling run (sampler seed), launches its worker (`pipelines.workers.sampling`) on `evaluation.processes`
 ranks; each rank takes every N-th shard task. A task is (guidance, class, chunk):
 `evaluation.sample_shard_size` consecutive sample indices
 of one class, sampled with the KV-cache sampler (`modeling.sampler`), decoded by the tokenizer and
@@ -23,26 +23,22 @@ Standalone: `python -m pipelines.sampling --profile fashion32 --variant prologue
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
-import webdataset as wds
 
 from modeling.config import from_dict
 from modeling.sampler import SamplerConfig
-from pipelines.images import encode_png, grid_png, to_pil
-from pipelines.launch import launch, worker_context
+from pipelines.images import grid_png
+from pipelines.launch import launch_worker
 from pipelines.loaders import load_ar, load_tokenizer
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.profiles import Profile
-from pipelines.runner import step_main, worker_args, worker_env
-from pipelines.store import Artifact, StepResult, Store
+from pipelines.runner import step_main
+from pipelines.store import Artifact, StepResult
 
 ASSET = "samples"
 GUIDANCE = ("cfg", "nocfg")
@@ -82,8 +78,7 @@ def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
     sampler = from_dict(SamplerConfig, target.config["sampler"])
     spec = {**target.config, "inputs": target.inputs, "num_classes": len(classes), "batch_size": sampler.batch_size}
     spec_record = artifact.put_json("spec.json", spec)
-    launch("pipelines.sampling", worker_args(plan.store, artifact.key, progress), ev.processes,
-           on_line=on_log, env=worker_env(plan.store))
+    launch_worker("sampling", plan.store, artifact.key, ev.processes, progress, on_log)
     parts = artifact.parts()
     todo = tasks(len(classes), ev.samples_per_class, ev.sample_shard_size)
     missing = [t[0] for t in todo if t[0] not in parts]
@@ -152,77 +147,17 @@ def _grids(artifact, layout, ar_art, tok_art, classes, cfg) -> dict[str, bytes]:
             )
             rows.append(torch.cat([original["visual"], again["visual"]]))
         with torch.no_grad():
-            images = _to_uint8(tokenizer.decode_codes(torch.cat(rows)))
+            images = to_uint8(tokenizer.decode_codes(torch.cat(rows)))
         out["resample_visual.png"] = grid_png(images, columns=8)
     return out
 
 
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-# -- worker (one per rank) -------------------------------------------------------------------------
-def worker(store: Store, key: str, progress: bool) -> None:
-    from tqdm import tqdm
-
-    from modeling.sampler import sample, sample_seeds
-
-    ctx = worker_context()
-    rank, world, device = ctx.rank, ctx.world, ctx.device
-    artifact = store.artifact(ASSET, key)
-    spec = artifact.read_json("spec.json")
-    cfg = from_dict(SamplerConfig, spec["sampler"])
-    model = load_ar(store.artifact("ar_model", spec["inputs"]["ar_model"]), device)
-    tokenizer = load_tokenizer(store.artifact("tokenizer", spec["inputs"]["tokenizer"]), device)
-    done = artifact.parts()
-    mine = [
-        t
-        for t in tasks(spec["num_classes"], spec["samples_per_class"], spec["shard_size"])[rank::world]
-        if t[0] not in done
-    ]
-    bar = tqdm(
-        total=sum(t[4] - t[3] for t in mine), unit="img", disable=not (progress and rank == 0 and sys.stderr.isatty())
-    )
-    for name, g, c, first, end in mine:
-        t0 = time.perf_counter()
-        rel, seeds = f"samples/{name}.tar", []
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "shard.tar")
-            with wds.TarWriter(local, mtime=0.0) as sink:  # fixed mtime: same samples -> same bytes
-                for i in range(first, end, cfg.batch_size):
-                    idx = torch.arange(i, min(end, i + cfg.batch_size))
-                    cls = torch.full_like(idx, c)
-                    batch_seeds = sample_seeds(cfg.seed, cls, idx)
-                    codes = sample(model, cls.to(device), batch_seeds, guided(cfg, g))
-                    with torch.no_grad():
-                        images = to_pil(_to_uint8(tokenizer.decode_codes(codes["visual"])))
-                    for j, img in enumerate(images):
-                        meta = {
-                            "class": c,
-                            "index": int(idx[j]),
-                            "seed": int(batch_seeds[j]),
-                            "guidance": g,
-                            "prologue": codes["prologue"][j].tolist(),
-                        }
-                        sink.write(
-                            {
-                                "__key__": f"{g}_{c:04d}_{int(idx[j]):06d}",
-                                "png": encode_png(img),
-                                "cls": c,
-                                "json": meta,
-                            }
-                        )
-                        seeds.append(meta["seed"])
-                    bar.update(len(idx))
-            record = artifact.put_file(local, rel)
-        artifact.record_part(name, {"files": {rel: record.__dict__}, "samples": len(seeds), "seeds": seeds})
-        if rank == 0:
-            print(f"{name}: {len(seeds)} samples ({len(seeds) / (time.perf_counter() - t0):.1f} img/s)", flush=True)
-    bar.close()
-
-
 def main(argv: list[str] | None = None) -> int:
-    return step_main(__doc__, argv, ASSET, worker=worker, summary=lambda m: f"{m['counts']['samples']} samples")
+    return step_main(__doc__, argv, ASSET, summary=lambda m: f"{m['counts']['samples']} samples")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 `export_tokens()` (what the asset calls) takes the plan's tokenizer and image shards, runs a reconstruction sanity check
 (decoding the uint16 codes of a few val images must give exactly the tokenizer's reconstruction, and
-their PSNR must match the tokenizer's own figure), then launches the `worker` subcommand on
+their PSNR must match the tokenizer's own figure), then launches its worker (`pipelines.workers.export`) on
 `tokens.processes` ranks; each rank encodes every processes-th image shard (train with the
 configured augmentation, val centre only) and writes, per image shard, the same rows twice:
 
@@ -24,34 +24,25 @@ Standalone: `python -m pipelines.token_export --profile fashion32 --variant prol
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import logging
-import os
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-import webdataset as wds
-from PIL import Image
 
-from modeling.config import from_dict, to_dict
+from modeling.config import to_dict
 from pipelines.images import grid_png
-from pipelines.launch import launch, worker_context
+from pipelines.launch import launch_worker
 from pipelines.loaders import load_tokenizer
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.profiles import SPLITS, TokenExportConfig
-from pipelines.runner import step_main, worker_args, worker_env
-from pipelines.shard_reader import image_dataset, image_loader
+from pipelines.runner import step_main
+from pipelines.shard_reader import image_loader
 from pipelines.sharding import shard_name
-from pipelines.store import Artifact, StepResult, Store
+from pipelines.store import Artifact, StepResult
 
 ASSET = "token_dataset"
 FORMATS = ("parquet", "wds")
@@ -134,17 +125,16 @@ def _export(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
         "spec.json": artifact.put_json("spec.json", spec).__dict__,
         "sanity.png": artifact.put_bytes("sanity.png", grid_png(grid)).__dict__,
     }
-    launch("pipelines.token_export", worker_args(plan.store, artifact.key, progress), cfg.processes,
-           on_line=on_log, env=worker_env(plan.store))
+    launch_worker("export", plan.store, artifact.key, cfg.processes, progress, on_log)
     parts = artifact.parts()
-    tasks = _tasks(shard_manifests)
-    missing = [name for name, _, _ in tasks if name not in parts]
+    todo = tasks(shard_manifests)
+    missing = [name for name, _, _ in todo if name not in parts]
     if missing:
         raise RuntimeError(f"{artifact.uri}: the export subprocess exited without {', '.join(missing)}")
     codes = plan.codes(variant)
     layout: dict[str, dict[str, list]] = {f: {s: [] for s in SPLITS} for f in FORMATS}
     counts: dict[str, Any] = {"rows": {s: 0 for s in SPLITS}, "images": {s: 0 for s in SPLITS}}
-    for name, split, _ in tasks:
+    for name, split, _ in todo:
         part = parts[name]
         records.update(part["files"])
         counts["rows"][split] += part["rows"]
@@ -172,7 +162,7 @@ def _export(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
     )
 
 
-def _tasks(shard_manifests: dict[str, dict]) -> list[tuple[str, str, str]]:
+def tasks(shard_manifests: dict[str, dict]) -> list[tuple[str, str, str]]:
     """(part name, split, image shard path) for every image shard of both splits."""
     return [(shard_name(s, i), s, rel) for s in SPLITS for i, rel in enumerate(shard_manifests[s]["shards"])]
 
@@ -214,169 +204,11 @@ def sanity_check(tok_artifact: Artifact, tok_manifest: dict, val: Artifact, cfg:
     return result, torch.cat(grid)
 
 
-# -- worker (one per rank) -------------------------------------------------------------------------
-def worker(store: Store, key: str, progress: bool) -> None:
-    from tqdm import tqdm
-
-    ctx = worker_context()
-    rank, world, device = ctx.rank, ctx.world, ctx.device
-    artifact = store.artifact(ASSET, key)
-    spec = artifact.read_json("spec.json")
-    cfg = from_dict(TokenExportConfig, spec["tokens"])
-    tokenizer = load_tokenizer(store.artifact("tokenizer", spec["tokenizer"]), device)
-    shards = {s: store.artifact("image_shards", k) for s, k in spec["shards"].items()}
-    manifests = {s: a.manifest() for s, a in shards.items()}
-    done = artifact.parts()
-    mine = [t for t in _tasks(manifests)[rank::world] if t[0] not in done]
-    total = sum(_shard_images(manifests[s], rel) for _, s, rel in mine)
-    bar = tqdm(total=total, unit="img", disable=not (progress and rank == 0 and sys.stderr.isatty()))
-    for name, split, rel in mine:
-        t0 = time.perf_counter()
-        augment = cfg.augment if split == "train" else "none"
-        part = write_shard(
-            artifact, name, shards[split], manifests[split], rel, tokenizer, device, cfg, augment, on_images=bar.update
-        )
-        rate = part["images"] / (time.perf_counter() - t0)
-        print(f"rank {rank}: {name}: {part['images']} images -> {part['rows']} rows ({rate:.0f} img/s)", flush=True)
-    bar.close()
-
-
-def _shard_images(manifest: dict, rel: str) -> int:
-    """Images in one shard, from the shard size and the split's total (only the last is short)."""
-    size, total = manifest["config"]["shard_size"], manifest["counts"]["samples"]
-    return min(size, total - manifest["shards"].index(rel) * size)
-
-
-def _decode_sample(sample: dict) -> tuple[str, torch.Tensor, int]:
-    rgb = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
-    return sample["__key__"], torch.from_numpy(rgb.copy()).permute(2, 0, 1), int(sample["cls"])
-
-
-def write_shard(
-    artifact: Artifact,
-    name: str,
-    shards: Artifact,
-    manifest: dict,
-    rel: str,
-    tokenizer,
-    device: torch.device,
-    cfg: TokenExportConfig,
-    augment: str,
-    on_images=lambda n: None,
-) -> dict:
-    """Encode one image shard into one Parquet file and one WebDataset tar; record the part."""
-    samples = image_dataset(shards, manifest, rank=0, world_size=1, decode=False, shards=[rel])
-    keys, labels, augs, prologues, visuals = [], [], [], [], []
-    batch: list[tuple[str, torch.Tensor, int]] = []
-
-    def flush() -> None:
-        images = torch.stack([img for _, img, _ in batch])
-        stacked = views(images, augment, cfg.crop_scale)  # [V, B, C, H, W]
-        V, B = stacked.shape[:2]
-        flat = stacked.transpose(0, 1).flatten(0, 1)  # [B * V, C, H, W], image-major
-        for i in range(0, len(flat), cfg.batch_size):
-            p, v = encode(tokenizer, flat[i : i + cfg.batch_size], device)
-            prologues.append(p)
-            visuals.append(v)
-        for key, _, label in batch:
-            keys.extend([key] * V)
-            labels.extend([label] * V)
-            augs.extend(range(V))
-        on_images(B)
-        batch.clear()
-
-    for sample in samples:
-        batch.append(_decode_sample(sample))
-        if len(batch) == max(1, cfg.batch_size // len(VIEWS[augment])):
-            flush()
-    if batch:
-        flush()
-    rows = {
-        "key": keys,
-        "label": np.asarray(labels, dtype=np.int16),
-        "aug": np.asarray(augs, dtype=np.uint8),
-        "prologue": np.concatenate(prologues),
-        "visual": np.concatenate(visuals),
-    }
-    n = len(keys)
-    files, units = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        files[f"parquet/{name}.parquet"], units["parquet"] = _write_parquet(
-            rows, cfg.rows_per_group, tmp, artifact, f"parquet/{name}.parquet"
-        )
-        files[f"wds/{name}.tar"], units["wds"] = _write_wds(
-            rows, cfg.rows_per_group, name, tmp, artifact, f"wds/{name}.tar"
-        )
-    part = {
-        "files": files,
-        "rows": n,
-        "images": n // len(VIEWS[augment]),
-        "parquet": {"file": f"parquet/{name}.parquet", "units": units["parquet"]},
-        "wds": {"file": f"wds/{name}.tar", "units": units["wds"]},
-    }
-    artifact.record_part(name, part)
-    return part
-
-
-def _list_array(codes: np.ndarray) -> pa.ListArray:
-    """[rows, L] uint16 -> a list<uint16> column without a Python loop."""
-    rows, length = codes.shape
-    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * length)
-    return pa.ListArray.from_arrays(offsets, pa.array(codes.reshape(-1), type=pa.uint16()))
-
-
-def _write_parquet(rows: dict, group: int, tmp: str, artifact: Artifact, rel: str) -> tuple[dict, list[int]]:
-    z_len, num_visual = rows["prologue"].shape[1], rows["visual"].shape[1]
-    table = pa.table(
-        {
-            "key": pa.array(rows["key"], pa.string()),
-            "label": pa.array(rows["label"]),
-            "aug": pa.array(rows["aug"]),
-            "prologue": _list_array(rows["prologue"]),
-            "visual": _list_array(rows["visual"]),
-        },
-        schema=parquet_schema(z_len, num_visual),
-    )
-    local = os.path.join(tmp, "rows.parquet")
-    pq.write_table(table, local, row_group_size=group, compression="zstd")
-    n = len(rows["key"])
-    return artifact.put_file(local, rel).__dict__, [min(group, n - i) for i in range(0, n, group)]
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _write_wds(rows: dict, group: int, name: str, tmp: str, artifact: Artifact, rel: str) -> tuple[dict, list[int]]:
-    local = os.path.join(tmp, "rows.tar")
-    codes = np.concatenate([rows["prologue"], rows["visual"]], axis=1)  # [rows, Z + N]
-    n, sizes = len(rows["key"]), []
-    # encoded here, with fixed mtimes (tar and gzip): the same rows always give the same bytes
-    with wds.TarWriter(local, mtime=0.0, encoder=False) as sink:
-        for b, i in enumerate(range(0, n, group)):
-            sl = slice(i, i + group)
-            keys = json.dumps({"keys": rows["key"][sl]}, separators=(",", ":")).encode()
-            sink.write(
-                {
-                    "__key__": f"{name}-{b:05d}",
-                    "codes.npy": _npy(codes[sl]),
-                    "cls.npy": _npy(rows["label"][sl]),
-                    "aug.npy": _npy(rows["aug"][sl]),
-                    "json.gz": gzip.compress(keys, mtime=0),
-                }
-            )
-            sizes.append(len(rows["key"][sl]))
-    return artifact.put_file(local, rel).__dict__, sizes
-
-
 def main(argv: list[str] | None = None) -> int:
     return step_main(
         __doc__,
         argv,
         ASSET,
-        worker=worker,
         summary=lambda m: (
             f"{m['counts']['rows']['train']} train / {m['counts']['rows']['val']} val rows, "
             f"bytes per token {m['counts']['bytes_per_token']}"

@@ -1,11 +1,14 @@
-"""Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1 and one store per backend."""
+"""Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1, one store per backend, and the one
+trained tiny store that the integration tests reuse."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import shutil
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,94 @@ def photo_folder(tmp_path) -> tuple[Path, int]:
         shutil.copy(p, d / p.name)
     (root / "val" / "n00000001" / "broken.JPEG").write_bytes(photos[0].read_bytes()[:300])
     return root, len(photos)
+
+
+# -- the one trained tiny store ------------------------------------------------------------------------
+@dataclass
+class TinyGraph:
+    """The whole graph on the tiny profile, materialised once per test run."""
+
+    root: Path
+    """The store folder (read it; copy it with `copy_store` before writing)."""
+    instance: object
+    """The ephemeral Dagster instance that holds the run and its event log."""
+    run_id: str
+    seconds: float
+    listings: int
+    """How many times the run opened (listed) a split of the raw source."""
+
+
+def tiny_resources(root, overrides: list[str] | None = None) -> dict:
+    from dagster import PipesSubprocessClient
+
+    from assets.resources import ProfileResource, StoreResource
+
+    return {
+        "store": StoreResource(url=str(root)),
+        "profile": ProfileResource(name="tiny", overrides=overrides or []),
+        "pipes_subprocess_client": PipesSubprocessClient(),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_graph(tmp_path_factory, fashion_mnist) -> TinyGraph:
+    """One run of the Dagster `retrain` job over an empty store: every asset, both tiny variants.
+    Tests reuse it instead of training their own upstream artefacts."""
+    from dagster import DagsterInstance
+
+    from assets.definitions import defs
+    from pipelines import sources
+
+    root = tmp_path_factory.mktemp("tiny") / "store"
+    instance = DagsterInstance.ephemeral()
+    opened = []
+    init = sources.Source.__init__
+
+    def counting(self, *args, **kwargs):
+        opened.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    start = time.perf_counter()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sources.Source, "__init__", counting)
+        result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, resources=tiny_resources(root))
+    assert result.success
+    return TinyGraph(root, instance, result.run_id, time.perf_counter() - start, len(opened))
+
+
+def copy_store(src: Path, dest: Store, assets: tuple[str, ...] | None = None) -> Store:
+    """Copy the artefacts of `assets` (default: all) from a local store folder into `dest` (local or S3)."""
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if path.is_file() and (assets is None or rel.parts[0] in assets):
+            target = f"{dest.root}/{rel.as_posix()}"
+            if dest.is_local:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            dest.fs.put_file(str(path), target)
+    return dest
+
+
+UPSTREAM_OF_AR = ("image_shards", "tokenizer", "token_dataset")
+
+
+def shard(profile, split: str, store: Store):
+    """Shard one split of a profile's source (listed anew) into `store`."""
+    from pipelines.plan import Plan
+    from pipelines.sharding import shard_split
+
+    return shard_split(Plan.from_listing(profile, store), split, progress=False)
+
+
+def tiny_plan(store: Store, overrides: list[str] | None = None):
+    """The tiny profile's plan over `store` (lists the source)."""
+    from pipelines.plan import Plan
+    from pipelines.profiles import load_profile
+
+    return Plan.from_listing(load_profile("tiny", overrides or []), store)
+
+
+@pytest.fixture
+def tiny_copy(tiny_graph, tmp_path) -> Store:
+    """A private, writable copy of the trained tiny store."""
+    shutil.copytree(tiny_graph.root, tmp_path / "tiny_copy")
+    return Store(str(tmp_path / "tiny_copy"))

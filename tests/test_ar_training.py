@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -13,16 +14,23 @@ import pytest
 import torch
 from safetensors.torch import load
 
+from pipelines.loaders import load_ar
 from pipelines.profiles import load_profile
 from pipelines.store import Store
-from pipelines.train_ar import load_ar, train_ar
+from pipelines.train_ar import train_ar
+from tests.conftest import UPSTREAM_OF_AR, copy_store, tiny_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_tiny_training_learns(store, fashion_mnist):
-    profile = load_profile("tiny")
-    r = train_ar(profile, "prologue", store, progress=False)
+def _seeded(tiny_graph, store: Store, overrides: list[str] | None = None):
+    """A plan over `store` holding the tiny store's token datasets (and what they came from)."""
+    return tiny_plan(copy_store(tiny_graph.root, store, UPSTREAM_OF_AR), overrides)
+
+
+def test_tiny_training_learns(store, tiny_graph):
+    plan = _seeded(tiny_graph, store)
+    r = train_ar(plan, "prologue", progress=False)
     m, codes = r.manifest["metrics"], r.manifest["config"]["model"]
     assert r.manifest["counts"]["steps"] == 40 and m["ranks"] == 1
     # the conditional val CE of the EMA weights is far below the uniform distribution's log(codebook)
@@ -34,8 +42,12 @@ def test_tiny_training_learns(store, fashion_mnist):
     assert m["val_sequences"] == 128
     model = load_ar(r.artifact)
     assert model.num_params() == r.manifest["counts"]["parameters"]
-    again = train_ar(profile, "prologue", store, progress=False)
+    again = train_ar(plan, "prologue", progress=False)
     assert again.cached and again.artifact.key == r.artifact.key
+    # the same weights as the whole-graph run trained (through Dagster Pipes): one machine, one config
+    shared = json.loads((tiny_graph.root / "ar_model" / r.artifact.key / "_manifest.json").read_text())
+    for rel in ("model/ar.safetensors", "model/ar_ema.safetensors"):
+        assert r.manifest["files"][rel]["sha256"] == shared["files"][rel]["sha256"], rel
 
 
 def _history(artifact) -> list[dict]:
@@ -44,19 +56,20 @@ def _history(artifact) -> list[dict]:
     return [json.loads(line) for line in artifact.read_bytes("history.jsonl").decode().splitlines()]
 
 
-def test_baseline_variant_has_no_prologue_segment(tmp_path, fashion_mnist):
-    r = train_ar(load_profile("tiny", ["ar_train.steps=10"]), "baseline", Store(str(tmp_path)), progress=False)
+def test_baseline_variant_has_no_prologue_segment(tmp_path, tiny_graph):
+    plan = _seeded(tiny_graph, Store(str(tmp_path)), ["ar_train.steps=10"])
+    r = train_ar(plan, "baseline", progress=False)
     assert r.manifest["config"]["model"]["z_len"] == 0
     assert "val_ce_prologue" not in r.manifest["metrics"] and r.manifest["metrics"]["val_ce_visual"] > 0
 
 
-def test_two_processes_keep_ranks_identical(tmp_path, fashion_mnist):
+def test_two_processes_keep_ranks_identical(tmp_path, tiny_graph):
     store = Store(str(tmp_path))
-    profile = load_profile("tiny", ["ar_train.processes=2", "ar_train.steps=10", "ar_train.checkpoint_every=5"])
-    r = train_ar(profile, "prologue", store, progress=False)
+    plan = _seeded(tiny_graph, store, ["ar_train.processes=2", "ar_train.steps=10", "ar_train.checkpoint_every=5"])
+    r = train_ar(plan, "prologue", progress=False)
     assert r.manifest["metrics"]["ranks"] == 2 and r.manifest["metrics"]["ranks_in_sync"] is True
     # each rank streams its own half of the data: the 2-process run is a different (bigger) batch
-    one = train_ar(load_profile("tiny", ["ar_train.steps=10"]), "prologue", store, progress=False)
+    one = train_ar(tiny_plan(store, ["ar_train.steps=10"]), "prologue", progress=False)
     assert one.artifact.key != r.artifact.key
 
 
@@ -83,7 +96,9 @@ def _cli(store_url: str, *extra: str) -> subprocess.Popen:
     )
 
 
-def test_kill_and_resume_reaches_the_uninterrupted_weights(tmp_path, fashion_mnist):
+def test_kill_and_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_graph):
+    for name in ("a", "b"):  # the CLI would train the missing upstream steps first: give it them
+        copy_store(tiny_graph.root, Store(str(tmp_path / name)), UPSTREAM_OF_AR)
     straight = _cli(str(tmp_path / "a"))
     out, _ = straight.communicate(timeout=600)
     assert straight.returncode == 0, out[-3000:]
@@ -110,12 +125,13 @@ def test_kill_and_resume_reaches_the_uninterrupted_weights(tmp_path, fashion_mni
             assert torch.equal(wa[k], wb[k]), f"{name}:{k} differs after kill + resume"
 
 
-def test_asset_streams_metrics_through_dagster_pipes(tmp_path, fashion_mnist):
+def test_asset_streams_metrics_through_dagster_pipes(tmp_path, tiny_graph):
     from dagster import DagsterInstance, PipesSubprocessClient, materialize
 
     from assets.ar import ar_model
     from assets.resources import ProfileResource, StoreResource
 
+    copy_store(tiny_graph.root, Store(str(tmp_path)), UPSTREAM_OF_AR)
     resources = {
         "store": StoreResource(url=str(tmp_path)),
         "profile": ProfileResource(name="tiny", overrides=["ar_train.steps=10"]),

@@ -42,6 +42,12 @@ def _write_pngs(root: Path, fashion_mnist: Path, split: str, per_class: int, ski
     return written
 
 
+# short schedules: the retrain run must train everything anew, not train well
+SHORT = ["tokenizer_train.steps=10", "tokenizer_train.gan_start=5", "tokenizer_train.checkpoint_every=10",
+         "ar_train.steps=10", "ar_train.checkpoint_every=10", "evaluation.samples_per_class=4",
+         "evaluation.sample_shard_size=4"]  # fmt: skip
+
+
 @pytest.fixture
 def watched(tmp_path, fashion_mnist):
     """A class-folder source (24 train / 8 val images per class) and tiny-profile resources on it."""
@@ -51,7 +57,7 @@ def watched(tmp_path, fashion_mnist):
     overrides = [f"data.{s}.{k}" for s in ("train", "val") for k in ("kind=folder", f"url={root}")]
     resources = {
         "store": StoreResource(url=str(tmp_path / "store")),
-        "profile": ProfileResource(name="tiny", overrides=[*overrides, "evaluation.reference_images=0"]),
+        "profile": ProfileResource(name="tiny", overrides=[*overrides, *SHORT, "evaluation.reference_images=0"]),
         "pipes_subprocess_client": PipesSubprocessClient(),
     }
     return root, n_train, resources
@@ -96,7 +102,7 @@ def test_new_images_make_exactly_one_run_request_and_that_run_reshards_and_retra
     for variant in ("baseline", "prologue"):
         for name in ("tokenizer", "token_dataset", "ar_model"):
             assert mats[(name, variant)]["reused_existing"] is False, (name, variant)
-        assert mats[("tokenizer", variant)]["steps"] == 30
+        assert mats[("tokenizer", variant)]["steps"] == 10
     assert ("results_table", None) in mats
     done = new_images_sensor.evaluate_tick(build_sensor_context(resources=resources))
     assert done.run_requests == []  # a restarted sensor (no cursor) sees the listing is sharded

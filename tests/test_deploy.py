@@ -148,18 +148,25 @@ def test_deploy_instance_stores_runs_in_postgres_and_compute_logs_in_s3(postgres
     assert "log line from the deploy test" in s3.get_object(Bucket=bucket, Key=err[0])["Body"].read().decode()
 
 
-def test_multinode_launcher_trains_across_two_simulated_nodes(tmp_path, fashion_mnist):
+def test_multinode_launcher_trains_across_two_simulated_nodes(tmp_path, tiny_graph):
     """deploy/train_ar_multinode.py as two nodes on this machine (one rank each, gloo): node 0 prints
     node 1's command and waits at the rendezvous; the model trains with both ranks in sync."""
     import json
     import sys
 
+    import torch
+    from safetensors.torch import load
+
+    from pipelines.store import Store
+    from tests.conftest import UPSTREAM_OF_AR, copy_store
+
     root = DEPLOY.parent
     store = tmp_path / "store"
+    copy_store(tiny_graph.root, Store(str(store)), UPSTREAM_OF_AR)
     cmd = [sys.executable, str(DEPLOY / "train_ar_multinode.py"), "--profile", "tiny", "--variant", "baseline",
            "--store", str(store), "--nodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            "--set", "ar_train.processes=2"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PROLOGUE_RANK_WEIGHTS": "1"}  # each rank saves its weights
     node0 = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     node1 = None
     try:
@@ -180,3 +187,9 @@ def test_multinode_launcher_trains_across_two_simulated_nodes(tmp_path, fashion_
     [manifest] = (store / "ar_model").glob("*/_manifest.json")
     metrics = json.loads(manifest.read_text())["metrics"]
     assert metrics["ranks"] == 2 and metrics["val_ce_visual"] > 0
+    # data parallelism kept the ranks identical: their own final weights, bit for bit
+    ranks = [load((manifest.parent / "ranks" / f"rank-{r}.safetensors").read_bytes()) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 0
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    final = load((manifest.parent / "model" / "ar.safetensors").read_bytes())
+    assert all(torch.equal(final[k], ranks[0][k].float()) for k in final)  # and they are what was committed

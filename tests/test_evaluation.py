@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,39 +13,25 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from dagster import AssetSelection, DagsterInstance, PipesSubprocessClient, materialize
+from dagster import AssetSelection, materialize
 from PIL import Image
 
+from pipelines.plan import MissingInput
 from pipelines.profiles import load_profile
 from pipelines.sampling import generate_samples, guided, protocol_problems
 from pipelines.store import Store
-
-
-def _resources(root: Path, overrides: list[str] | None = None) -> dict:
-    from assets.resources import ProfileResource, StoreResource
-
-    return {
-        "store": StoreResource(url=str(root)),
-        "profile": ProfileResource(name="tiny", overrides=overrides or []),
-        "pipes_subprocess_client": PipesSubprocessClient(),
-    }
+from tests.conftest import tiny_plan, tiny_resources
 
 
 def _mtimes(root: Path, assets: tuple[str, ...]) -> dict[str, float]:
     return {str(p): p.stat().st_mtime for a in assets for p in (root / a).rglob("*") if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, fashion_mnist):
-    """The whole graph on the tiny profile (both variants) in one run of the `retrain` job."""
-    from assets.definitions import defs
-
-    root = tmp_path_factory.mktemp("eval") / "store"
-    instance = DagsterInstance.ephemeral()
-    start = time.perf_counter()
-    result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, resources=_resources(root))
-    assert result.success
-    return root, instance, time.perf_counter() - start
+@pytest.fixture
+def full_run(tiny_graph):
+    """The whole graph on the tiny profile (both variants), trained once per test run by one run of
+    the `retrain` job: (store folder, its Dagster instance, the run's seconds)."""
+    return tiny_graph.root, tiny_graph.instance, tiny_graph.seconds
 
 
 def _materialisations(result) -> dict[tuple[str, str | None], dict]:
@@ -63,11 +50,11 @@ def test_rerun_of_the_whole_graph_with_nothing_new_trains_nothing(full_run):
     trained = ("tokenizer", "ar_model", "samples", "token_dataset")
     before = _mtimes(root, trained)
     start = time.perf_counter()
-    result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, resources=_resources(root))
+    result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, resources=tiny_resources(root))
     seconds = time.perf_counter() - start
     assert result.success
     mats = _materialisations(result)
-    assert len(mats) == 1 + 7 * 2 + 1  # shards, 7 variant assets x 2 partitions, results table
+    assert len(mats) == 1 + 1 + 7 * 2 + 1  # shards, reference stats, 7 variant assets x 2 partitions, table
     for (name, _), md in mats.items():
         reused = [v for k, v in md.items() if k.endswith("reused_existing")]
         assert reused and all(reused), name
@@ -95,10 +82,16 @@ def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
     assert f"(first {table[0]['probe_tokens']} visual)" in md and f"({table[1]['probe_tokens']} prologue)" in md
 
 
-def test_evaluation_group_reruns_no_upstream_step_and_reuses_samples(full_run):
-    root, instance, _ = full_run
+def _reused(md: dict) -> bool:
+    flags = [v for k, v in md.items() if k.endswith("reused_existing")]
+    return bool(flags) and all(flags)
+
+
+def test_evaluation_group_reruns_no_upstream_step_and_reuses_samples(full_run, tmp_path):
+    from assets.automation import ALL_VARIANTS
     from assets.definitions import defs
 
+    root, instance, _ = full_run
     upstream = ("image_shards", "tokenizer", "token_dataset", "ar_model")
     before = _mtimes(root, upstream)
     group = AssetSelection.groups("evaluation").resolve(defs.resolve_asset_graph())
@@ -106,35 +99,35 @@ def test_evaluation_group_reruns_no_upstream_step_and_reuses_samples(full_run):
     result = materialize(
         evaluation,
         partition_key="prologue",
-        resources=_resources(root),
+        resources=tiny_resources(root),
         instance=instance,
-        selection=AssetSelection.groups("evaluation"),
+        selection=AssetSelection.groups("evaluation") - AssetSelection.assets("results_table"),
     )
     assert result.success
-    md = {
-        e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
-        for e in result.get_asset_materialization_events()
-    }
-    assert md["samples"]["reused_existing"] is True
-    assert all(m["reused_existing"] for m in md.values())
+    md = _materialisations(result)
+    assert md[("samples", "prologue")]["reused_existing"] is True
+    assert all(_reused(m) for m in md.values())
     assert _mtimes(root, upstream) == before  # nothing upstream was rewritten, nothing trained
 
-    # a new sampler setting: new samples and metrics, still no training
+    # a new sampler setting, for every variant (the table needs them all): new samples, metrics and
+    # table, still no training
+    shutil.copytree(root, tmp_path / "copy")
+    copy = tmp_path / "copy"
+    before = _mtimes(copy, upstream)
     changed = materialize(
         evaluation,
-        partition_key="prologue",
         instance=instance,
-        resources=_resources(root, ["sampler.temperature_visual=0.7"]),
+        tags=ALL_VARIANTS,
+        resources=tiny_resources(copy, ["sampler.temperature_visual=0.7"]),
         selection=AssetSelection.groups("evaluation"),
     )
     assert changed.success
-    md = {
-        e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
-        for e in changed.get_asset_materialization_events()
-    }
-    assert md["samples"]["reused_existing"] is False and md["generation_metrics"]["reused_existing"] is False
-    assert md["reconstruction_metrics"]["reused_existing"] is True and md["linear_probe"]["reused_existing"] is True
-    assert _mtimes(root, upstream) == before
+    md = _materialisations(changed)
+    for v in ("baseline", "prologue"):
+        assert not _reused(md[("samples", v)]) and not _reused(md[("generation_metrics", v)])
+        assert _reused(md[("reconstruction_metrics", v)]) and _reused(md[("linear_probe", v)])
+    assert _reused(md[("reference_stats", None)]) and not _reused(md[("results_table", None)])
+    assert _mtimes(copy, upstream) == before
     checks = [e for e in changed.get_asset_check_evaluations()]
     assert {c.check_name for c in checks} == {"sampling_protocol", "reference_checksum"} and all(
         c.passed for c in checks
@@ -145,12 +138,11 @@ def test_any_sample_regenerates_alone(full_run):
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     from modeling.sampler import sample
-    from pipelines.train_ar import load_ar
-    from pipelines.train_tokenizer import load_tokenizer
+    from pipelines.loaders import load_ar, load_tokenizer
 
     root = full_run[0]
     store, profile = Store(str(root)), load_profile("tiny")
-    r = generate_samples(profile, "prologue", store, progress=False)
+    [r] = generate_samples(tiny_plan(store), "prologue", progress=False)
     assert r.cached
     rel = r.manifest["layout"]["nocfg"][3]
     with open(r.artifact.file_path(rel), "rb") as f:
@@ -168,18 +160,15 @@ def test_any_sample_regenerates_alone(full_run):
 
 
 def test_interrupted_sampling_redoes_only_the_missing_shard(full_run, tmp_path):
-    import shutil
-
     root = full_run[0]
     shutil.copytree(root, tmp_path / "copy")
-    store = Store(str(tmp_path / "copy"))
-    profile = load_profile("tiny")
-    r = generate_samples(profile, "baseline", store, progress=False)
+    plan = tiny_plan(Store(str(tmp_path / "copy")))
+    [r] = generate_samples(plan, "baseline", progress=False)
     art = r.artifact
     mtimes = {rel: os.path.getmtime(art.file_path(rel)) for rel in r.manifest["files"] if rel.endswith(".tar")}
     os.remove(art.file_path("_manifest.json"))  # as if killed after all but one shard
     os.remove(art.file_path("_parts/cfg-c0003-001.json"))
-    again = generate_samples(profile, "baseline", store, progress=False)
+    [again] = generate_samples(plan, "baseline", progress=False)
     assert not again.cached
     changed = {rel for rel, t in mtimes.items() if os.path.getmtime(art.file_path(rel)) != t}
     assert changed == {"samples/cfg-c0003-001.tar"}
@@ -191,7 +180,7 @@ def test_interrupted_sampling_redoes_only_the_missing_shard(full_run, tmp_path):
 def test_protocol_guards_name_what_differs(full_run):
     root = full_run[0]
     store, profile = Store(str(root)), load_profile("tiny")
-    r = generate_samples(profile, "prologue", store, progress=False)
+    [r] = generate_samples(tiny_plan(store), "prologue", progress=False)
     assert protocol_problems(r.artifact, r.manifest, profile) == []
     bad = {
         **r.manifest,
@@ -210,33 +199,40 @@ def test_protocol_guards_name_what_differs(full_run):
     assert any("PNG 48x48" in p for p in protocol_problems(r.artifact, r.manifest, bigger))
 
 
-def test_inception_metrics_only_with_a_configured_weights_file(full_run, tmp_path):
-    from pipelines.evaluate import reconstruction_metrics
+def test_inception_metrics_only_with_a_configured_weights_file(tiny_copy, tmp_path):
+    from pipelines.evaluate import reconstruction_metrics, reference_stats
+    from pipelines.runner import run_missing
     from tests.test_fidelity import random_inception_weights
 
     weights = tmp_path / "inception.pth"
     random_inception_weights(weights)  # a real torch-fidelity InceptionV3 state dict, random weights, no download
-    store = Store(str(full_run[0]))
-    plain = reconstruction_metrics(load_profile("tiny", ["evaluation.reference_images=32"]), "prologue", store)
+    small = tiny_plan(tiny_copy, ["evaluation.reference_images=32"])
+    for e in small.evaluators:
+        reference_stats(small, e)
+    plain = reconstruction_metrics(small, "prologue")
     assert "rfd_effnetlite0" in plain.manifest["metrics"]
     assert not any("inception" in k for k in plain.manifest["metrics"])
-    profile = load_profile("tiny", ["evaluation.reference_images=32", f"evaluation.inception_weights={weights}"])
-    r = reconstruction_metrics(profile, "prologue", store)
+    plan = tiny_plan(tiny_copy, ["evaluation.reference_images=32", f"evaluation.inception_weights={weights}"])
+    with pytest.raises(MissingInput, match=r"reference_stats\[inception\]"):  # an input like any other
+        reconstruction_metrics(plan, "prologue")
+    [r] = run_missing(plan, "reconstruction_metrics", ["prologue"], on_log=lambda _: None).values()
     m = r.manifest["metrics"]
     assert m["rfid_inception"] > 0 and "recon_is_inception_mean" in m and m["images"] == 32
     assert m["rfd_effnetlite0"] == plain.manifest["metrics"]["rfd_effnetlite0"]  # same reference, same number
     assert set(m["references"]) == {"effnetlite0", "inception"}
 
 
-def test_sampling_runs_report_mean_and_spread(full_run):
+def test_sampling_runs_report_mean_and_spread(tiny_copy):
     from pipelines.evaluate import generation_metrics
     from pipelines.results import results_table
+    from pipelines.runner import run_missing
 
-    store = Store(str(full_run[0]))
-    one, two = load_profile("tiny"), load_profile("tiny", ["evaluation.sampling_runs=2"])
-    seed = one.sampler.seed
-    first = generation_metrics(one, "baseline", store)
-    r = generation_metrics(two, "baseline", store)
+    one, two = tiny_plan(tiny_copy), tiny_plan(tiny_copy, ["evaluation.sampling_runs=2"])
+    seed = one.profile.sampler.seed
+    first = generation_metrics(one, "baseline")
+    assert two.samples("baseline")[0].key == one.samples("baseline")[0].key  # run 1 is shared
+    run_missing(two, "generation_metrics", ["baseline", "prologue"], on_log=lambda _: None, progress=False)
+    r = generation_metrics(two, "baseline")
     assert first.cached and not r.cached
     m = r.manifest["metrics"]
     assert m["seeds"] == [seed, seed + 1] and m["cfg"] == first.manifest["metrics"]["cfg"]
@@ -244,7 +240,7 @@ def test_sampling_runs_report_mean_and_spread(full_run):
     assert a != b  # another seed, another sample set
     spread = m["over_seeds"]["nocfg"]["fd_effnetlite0"]
     assert spread["mean"] == pytest.approx((a + b) / 2) and spread["std"] == pytest.approx(abs(a - b) / 2**0.5)
-    table = results_table(two, store)
+    table = results_table(two)
     [row] = [
         x
         for x in pq.read_table(io.BytesIO(table.artifact.read_bytes("results.parquet"))).to_pylist()

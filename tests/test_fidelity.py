@@ -1,4 +1,8 @@
-"""EfficientNet-Lite0 evaluator, Fréchet distance, reference statistics and torch-fidelity metrics (CPU, offline)."""
+"""EfficientNet-Lite0 evaluator, Fréchet distance, reference statistics and the pipeline's metrics (CPU, offline).
+
+The metrics are checked the way the pipeline computes them (`Embedder` features -> `set_metrics`) against
+independent oracles: scipy's matrix square root and torch-fidelity's own end-to-end `calculate_metrics`.
+"""
 
 from __future__ import annotations
 
@@ -16,21 +20,22 @@ import torch.nn.functional as F
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from PIL import Image
 from scipy import linalg
-from torch_fidelity import FeatureExtractorInceptionV3
+from torch_fidelity import FeatureExtractorInceptionV3, calculate_metrics
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
 from modeling.features import NAME, EffNetLite0, FidelityEffNetLite0, register, to_timm_keys, weights_path
 from modeling.fidelity import (
+    Embedder,
     ImageSet,
     fd_from_features,
     feature_stats,
-    fidelity_metrics,
     frechet_distance,
     image_features,
     load_stats,
     save_stats,
+    set_metrics,
     sha256_file,
 )
 
@@ -207,7 +212,7 @@ def test_stats_round_trip_adm_npz_and_checksum(tmp_path):
     assert abs(frechet_distance(mu3, sigma3, mu, sigma)) < 1e-3
 
 
-# 4. torch-fidelity metrics --------------------------------------------------------------------------------------
+# 4. the pipeline's metrics: Embedder -> set_metrics -------------------------------------------------------------
 
 
 EFFNET_KEYS = {
@@ -218,38 +223,115 @@ EFFNET_KEYS = {
     "recall_effnetlite0",
     "is_effnetlite0_mean",
     "is_effnetlite0_std",
-    "evaluator",
-    "samples",
-    "reference_samples",
+}
+INCEPTION_KEYS = {k.replace("effnetlite0", "inception").replace("fd_", "fid_") for k in EFFNET_KEYS}
+TORCH_FIDELITY_KEYS = {  # torch-fidelity names every Fréchet distance and IS "inception"
+    "fd_effnetlite0": "frechet_inception_distance",
+    "kid_effnetlite0_mean": "kernel_inception_distance_mean",
+    "kid_effnetlite0_std": "kernel_inception_distance_std",
+    "precision_effnetlite0": "precision",
+    "recall_effnetlite0": "recall",
+    "is_effnetlite0_mean": "inception_score_mean",
+    "is_effnetlite0_std": "inception_score_std",
 }
 
 
-def test_fidelity_metrics_effnetlite0(sets, features):
-    ref = sets["reference"][:24]
-    same = fidelity_metrics(ImageSet(ref.clone()), ref)  # a Dataset against a tensor
-    assert set(same) == EFFNET_KEYS and not any(k.startswith("fid") for k in same)
-    assert same["evaluator"] == "effnetlite0" and same["samples"] == same["reference_samples"] == 24
+def as_reference(pool: torch.Tensor) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """(mu, sigma, features) as pipelines/evaluate.py stores and loads a reference set."""
+    return (*feature_stats(pool.numpy()), pool)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder("effnetlite0")
+
+
+@pytest.fixture(scope="module")
+def embedded(sets, embedder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(pooled features, logits) of each set, in batches of 16 as the pipeline feeds them."""
+    return {k: embedder(v.split(16)) for k, v in sets.items()}
+
+
+def test_embedder_is_torch_fidelitys_extractor_and_image_features_network(embedder, embedded, features):
+    assert embedder.extractor.features_list == [
+        FidelityEffNetLite0.get_default_feature_layer_for_metric(m) for m in ("fid", "isc")
+    ]
+    pool, logits = embedded["reference"]
+    assert pool.shape == (N, 1280) and logits.shape == (N, 1000) and pool.dtype == logits.dtype == torch.float32
+    assert torch.allclose(pool, torch.from_numpy(features["reference"]), atol=1e-5)  # the image_features network
+
+
+def test_set_metrics_match_scipy_and_torch_fidelity(sets, embedded):
+    pool, logits = embedded["samples"]
+    ref_pool = embedded["reference"][0]
+    m = set_metrics(pool, logits, as_reference(ref_pool), "effnetlite0")
+    assert set(m) == EFFNET_KEYS and all(isinstance(v, float) and np.isfinite(v) for v in m.values())
+    # FD: our scipy-based formula on the same features, and the textbook one written out in this file
+    fd = m["fd_effnetlite0"]
+    assert fd == frechet_distance(*feature_stats(pool.numpy()), *feature_stats(ref_pool.numpy()))
+    assert fd == pytest.approx(direct_fd(pool.numpy().astype(np.float64), ref_pool.numpy().astype(np.float64)))
+    # torch-fidelity end to end on the same images and extractor, with the options set_metrics uses: KID subsets
+    # of min(1000, N, N_ref), min(10, N) IS splits, torch-fidelity's rng seed (2020, its feature-to-metric default)
+    tf = calculate_metrics(
+        input1=ImageSet(sets["samples"]),
+        input2=ImageSet(sets["reference"]),
+        feature_extractor=register(),
+        fid=True,
+        kid=True,
+        prc=True,
+        isc=True,
+        kid_subset_size=min(1000, N),
+        isc_splits=min(10, N),
+        rng_seed=2020,
+        cuda=False,
+        cache=False,
+        datasets_download=False,
+        save_cpu_ram=True,
+        verbose=False,
+    )
+    ours = {k: m[k] for k in TORCH_FIDELITY_KEYS}
+    theirs = {k: tf[v] for k, v in TORCH_FIDELITY_KEYS.items()}
+    # FD: scipy's sqrtm vs torch-fidelity's eigenvalues of sigma1 sigma2, on rank-deficient (N < D) covariances
+    assert ours.pop("fd_effnetlite0") == pytest.approx(theirs.pop("fd_effnetlite0"), rel=1e-3)
+    # the rest are torch-fidelity's feature-to-metric functions on features that differ by float rounding at most
+    assert ours["precision_effnetlite0"] == theirs["precision_effnetlite0"]
+    assert ours["recall_effnetlite0"] == theirs["recall_effnetlite0"]
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-8)
+    assert 0 < m["precision_effnetlite0"] <= 1 and 0 < m["recall_effnetlite0"] <= 1
+    assert 1 <= m["is_effnetlite0_mean"] < 1000 and m["kid_effnetlite0_mean"] > 0
+
+
+def test_identical_set_against_itself_and_a_different_set(sets, embedder, embedded):
+    read = []
+
+    def batches():  # a copy of the first 30 reference images in batches of 10, read lazily
+        for b in sets["reference"].clone().split(10):
+            read.append(len(b))
+            yield b
+
+    pool, logits = embedder(batches(), limit=24)
+    assert pool.shape == (24, 1280) and logits.shape == (24, 1000)
+    assert read == [10, 10, 10]  # the third batch is cut to 4 images and nothing after it is read
+    ref_pool = embedded["reference"][0][:24]  # the same images, embedded in batches of 16
+    assert torch.allclose(pool, ref_pool, atol=1e-5)
+    same = set_metrics(pool, logits, as_reference(ref_pool), "effnetlite0")
+    assert set(same) == EFFNET_KEYS
     assert abs(same["fd_effnetlite0"]) < 1e-2
     assert same["precision_effnetlite0"] == same["recall_effnetlite0"] == 1.0
-    assert 1.0 <= same["is_effnetlite0_mean"] < 1000
-    other = fidelity_metrics(sets["samples"], sets["reference"])
-    assert other["samples"] == other["reference_samples"] == N
-    direct = fd_from_features(features["samples"], *feature_stats(features["reference"]))
-    assert other["fd_effnetlite0"] == pytest.approx(direct, rel=1e-3)  # same features, sqrtm vs eigenvalues
+    other = set_metrics(*embedded["samples"], as_reference(embedded["reference"][0]), "effnetlite0")
     assert other["fd_effnetlite0"] > 10 * abs(same["fd_effnetlite0"]) + 1
     assert other["kid_effnetlite0_mean"] > same["kid_effnetlite0_mean"]
-    assert 0 <= other["precision_effnetlite0"] <= 1 and 0 <= other["recall_effnetlite0"] <= 1
+    assert other["precision_effnetlite0"] < 1 or other["recall_effnetlite0"] < 1
 
 
 def test_inception_only_with_a_local_weights_file(tmp_path):
-    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    for path in (None, tmp_path / "missing.pth"):
+    for args in (("inception",), ("inception", "")):
         with pytest.raises(ValueError, match="local weights file"):
-            fidelity_metrics(x, x, evaluator="inception", weights_path=path)
-    with pytest.raises(ValueError, match="unknown evaluator"):
-        fidelity_metrics(x, x, evaluator="fid")
-    with pytest.raises(ValueError, match="wheel"):
-        fidelity_metrics(x, x, weights_path=tmp_path / "inception.pth")
+            Embedder(*args)
+    with pytest.raises(ValueError, match="'fid'"):  # an unknown evaluator, the metric's name included
+        Embedder("fid")
+    with pytest.raises(FileNotFoundError):  # a missing file is an error, never a download (see _offline_torch_home)
+        Embedder("inception", str(tmp_path / "missing.pth"))
 
 
 def random_inception_weights(path: Path) -> None:
@@ -269,10 +351,20 @@ def random_inception_weights(path: Path) -> None:
 def test_inception_from_a_local_weights_file(tmp_path):
     weights = tmp_path / "inception.pth"
     random_inception_weights(weights)
+    embed = Embedder("inception", str(weights))
+    assert embed.extractor.features_list == [
+        FeatureExtractorInceptionV3.get_default_feature_layer_for_metric(m) for m in ("fid", "isc")
+    ]
     noise = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     flat = torch.full((8, 3, 32, 32), 128, dtype=torch.uint8)
-    m = fidelity_metrics(noise, flat, evaluator="inception", weights_path=weights)
-    assert set(m) == {k.replace("effnetlite0", "inception").replace("fd_", "fid_") for k in EFFNET_KEYS}
-    assert m["evaluator"] == "inception" and m["samples"] == m["reference_samples"] == 8
-    assert np.isfinite(m["fid_inception"]) and m["fid_inception"] > 0
+    pool, logits = embed(noise.split(5))
+    ref_pool, _ = embed([flat])
+    assert pool.shape == (8, 2048) and logits.shape == (8, 1008) and ref_pool.shape == (8, 2048)
+    assert torch.allclose(ref_pool, ref_pool[:1].expand_as(ref_pool))  # identical images: one point, sigma = 0
+    m = set_metrics(pool, logits, as_reference(ref_pool), "inception")
+    assert set(m) == INCEPTION_KEYS and not any(k.startswith("fd_") for k in m)
+    # against a single point the Fréchet distance is ||mu - mu_ref||^2 + tr(sigma)
+    p, r = pool.numpy().astype(np.float64), ref_pool.numpy().astype(np.float64)
+    closed_form = ((p.mean(0) - r.mean(0)) ** 2).sum() + np.trace(np.cov(p, rowvar=False))
+    assert m["fid_inception"] > 0 and m["fid_inception"] == pytest.approx(closed_form, rel=1e-4)
     assert m["is_inception_mean"] > 1 - 1e-6  # IS >= 1 up to rounding

@@ -7,13 +7,13 @@ import torch
 
 from pipelines.profiles import load_profile
 from pipelines.shard_reader import TruncatedShard, image_dataset, image_loader
-from pipelines.sharding import shard_split
+from tests.conftest import shard
 
 
 @pytest.fixture
 def val_shards(store, fashion_mnist):
     """128 tiny val images in 4 shards of 32, in the store under test."""
-    return shard_split(load_profile("tiny", ["data.shard_size=32"]), "val", store, progress=False)
+    return shard(load_profile("tiny", ["data.shard_size=32"]), "val", store)
 
 
 def _keys(loader_or_ds) -> list[str]:

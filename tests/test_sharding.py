@@ -19,9 +19,10 @@ from PIL import Image
 from pipelines.images import encode_png
 from pipelines.profiles import load_profile
 from pipelines.shard_reader import image_dataset
-from pipelines.sharding import shard_split, transform
+from pipelines.sharding import transform
 from pipelines.sources import open_source
 from pipelines.store import Store
+from tests.conftest import shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def _mtimes(store: Store, manifest: dict, art) -> dict:
 
 def test_tiny_shards_round_trip_byte_exact(store, fashion_mnist):
     profile = load_profile("tiny")
-    result = shard_split(profile, "train", store, progress=False)
+    result = shard(profile, "train", store)
     m = result.manifest
     assert not result.cached
     assert m["counts"]["samples"] == 512 and m["counts"]["corrupt"] == 0
@@ -71,21 +72,21 @@ def test_tiny_shards_round_trip_byte_exact(store, fashion_mnist):
     # the same request again is a cache hit that rewrites nothing (no timing: listing hashes the
     # source, which on 512 tiny images can take as long as sharding them; bench/ measures speed)
     before = _mtimes(store, m, result.artifact)
-    again = shard_split(profile, "train", store, progress=False)
+    again = shard(profile, "train", store)
     assert again.cached and again.artifact.key == result.artifact.key and again.manifest == m
     assert _mtimes(store, m, again.artifact) == before
 
 
 def test_shard_assignment_is_independent_of_worker_count(tmp_path, fashion_mnist):
-    one = shard_split(load_profile("tiny", ["data.workers=1"]), "val", Store(str(tmp_path / "a")), progress=False)
-    two = shard_split(load_profile("tiny", ["data.workers=2", "data.shard_size=32"]), "val",
-                      Store(str(tmp_path / "b")), progress=False)
+    one = shard(load_profile("tiny", ["data.workers=1"]), "val", Store(str(tmp_path / "a")))
+    two = shard(load_profile("tiny", ["data.workers=2", "data.shard_size=32"]), "val",
+                      Store(str(tmp_path / "b")))
     assert one.artifact.key != two.artifact.key  # shard size is part of the config
     keys1 = [s["__key__"] for s in image_dataset(one.artifact, decode=False)]
     keys2 = [s["__key__"] for s in image_dataset(two.artifact, decode=False)]
     assert keys1 == keys2 and len(keys1) == 128
-    three = shard_split(load_profile("tiny", ["data.workers=1", "data.shard_size=32"]), "val",
-                        Store(str(tmp_path / "c")), progress=False)
+    three = shard(load_profile("tiny", ["data.workers=1", "data.shard_size=32"]), "val",
+                        Store(str(tmp_path / "c")))
     # workers do not enter the cache key, and the bytes are identical
     assert three.artifact.key == two.artifact.key
     assert three.manifest["files"] == two.manifest["files"]
@@ -96,7 +97,7 @@ def test_corrupt_images_are_counted_and_skipped(store, photo_folder):
     profile = load_profile("tiny", {"data": {"val": {"kind": "folder", "url": str(root), "limit": 0},
                                              "resize": "center_crop", "resolution": 48, "shard_size": 8},
                                     "tokenizer": {"image_size": 48}})
-    result = shard_split(profile, "val", store, progress=False)
+    result = shard(profile, "val", store)
     counts = result.manifest["counts"]
     assert counts["source_items"] == n + 1
     assert counts["corrupt"] == 1 and counts["samples"] == n
@@ -145,7 +146,7 @@ def test_killed_sharder_resumes_to_the_same_result(tmp_path, fashion_mnist):
 @pytest.mark.parametrize("split,expected", [("train", 60000), ("val", 10000)])
 def test_full_fashion_mnist_counts(tmp_path, fashion_mnist, split, expected):
     """The fashion32 acceptance numbers, on the real data set (about 20 s for both splits)."""
-    result = shard_split(load_profile("fashion32"), split, Store(str(tmp_path)), progress=False)
+    result = shard(load_profile("fashion32"), split, Store(str(tmp_path)))
     c = result.manifest["counts"]
     assert c["samples"] == expected and c["corrupt"] == 0 and c["source_items"] == expected
     assert sum(c["per_class"].values()) == expected and len(c["per_class"]) == 10

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from itertools import islice
 from pathlib import Path
 
@@ -13,22 +11,30 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from pipelines.profiles import load_profile
+from pipelines.loaders import load_tokenizer
 from pipelines.shard_reader import TruncatedShard, image_dataset
 from pipelines.store import Store
 from pipelines.token_export import VIEWS, SanityCheckFailed, export_tokens, sanity_check, views
 from pipelines.token_reader import TokenStream, token_loader
-from pipelines.train_tokenizer import load_tokenizer
+from tests.conftest import copy_store, tiny_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, fashion_mnist):
-    """Both variants of the tiny profile exported to a local store (shared by the read-only tests)."""
-    store = Store(str(tmp_path_factory.mktemp("tokens") / "store"))
-    profile = load_profile("tiny")
-    return store, profile, {v: export_tokens(profile, v, store, progress=False) for v in ("baseline", "prologue")}
+def exported(tiny_graph):
+    """Both variants of the tiny profile, as the whole-graph run exported them (read-only)."""
+    plan = tiny_plan(Store(str(tiny_graph.root)))
+    results = {v: export_tokens(plan, v, progress=False) for v in ("baseline", "prologue")}
+    assert all(r.cached for r in results.values())
+    return plan.store, plan.profile, results
+
+
+@pytest.fixture
+def exported_copy(tiny_copy):
+    """The same, in a private copy of the store (for the tests that delete or rewrite files)."""
+    plan = tiny_plan(tiny_copy)
+    return plan.store, plan.profile, {v: export_tokens(plan, v, progress=False) for v in ("baseline", "prologue")}
 
 
 def _parquet_rows(art) -> dict[str, dict]:
@@ -199,17 +205,18 @@ def test_hugging_face_datasets_reads_the_parquet_files(exported, tmp_path, monke
     assert ds[5]["visual"] == visual[5].tolist() and ds[5]["prologue"] == prologue[5].tolist()
 
 
-def test_rerun_is_cached_and_a_lost_part_is_redone(exported):
-    store, profile, results = exported
+def test_rerun_is_cached_and_a_lost_part_is_redone(exported_copy):
+    store, _, results = exported_copy
+    plan = tiny_plan(store)
     r = results["baseline"]
-    again = export_tokens(profile, "baseline", store, progress=False)
+    again = export_tokens(plan, "baseline", progress=False)
     assert again.cached and again.artifact.key == r.artifact.key
     # an interrupted export: no manifest, one shard's part missing -> only that shard is redone
     art = r.artifact
     mtimes = {rel: os.path.getmtime(art.file_path(rel)) for rel in r.manifest["files"] if rel.endswith(".parquet")}
     os.remove(art.file_path("_manifest.json"))
     os.remove(art.file_path("_parts/train-000001.json"))
-    resumed = export_tokens(profile, "baseline", store, progress=False)
+    resumed = export_tokens(plan, "baseline", progress=False)
     assert not resumed.cached
     assert resumed.manifest["files"] == r.manifest["files"]  # byte-identical content
     changed = {rel for rel, t in mtimes.items() if os.path.getmtime(art.file_path(rel)) != t}
@@ -230,27 +237,18 @@ def test_sanity_check_stops_on_a_psnr_mismatch(exported):
         sanity_check(tok, wrong, val, profile.tokens)
 
 
-def test_export_and_read_on_s3(s3_endpoint, fashion_mnist):
+def test_export_and_read_on_s3(s3_endpoint, tiny_graph):
     import uuid
 
     store = Store(f"s3://prologue-test/{uuid.uuid4().hex[:8]}", {"client_kwargs": {"endpoint_url": s3_endpoint}})
-    profile = load_profile("tiny", ["tokenizer_train.steps=10"])
-    r = export_tokens(profile, "prologue", store, progress=False)
+    copy_store(tiny_graph.root, store, ("image_shards", "tokenizer"))  # upstream on S3: the export runs there
+    r = export_tokens(tiny_plan(store), "prologue", progress=False)
+    assert not r.cached
     assert r.artifact.uri.startswith("s3://") and r.artifact.verify(checksums=True) == []
     p, w = _all_rows(r.artifact, "parquet", "val"), _all_rows(r.artifact, "wds", "val")
     assert all(torch.equal(a, b) for a, b in zip(p, w, strict=True)) and len(p[0]) == 128
     batches = list(islice(token_loader(r.artifact, 64, num_workers=2, seed=0), 25))
     assert len(batches) == 25 and all(b[2].shape == (64, 16) for b in batches)  # 1,600 rows: into epoch 2
-
-
-def test_cli_exports_one_variant(tmp_path, fashion_mnist):
-    out = subprocess.run(
-        [sys.executable, "-m", "pipelines.token_export", "--profile", "tiny", "--variant", "baseline",
-         "--store", str(tmp_path / "store"), "--set", "tokenizer_train.steps=5", "--no-progress"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "baseline: 1024 train / 128 val rows" in out.stdout
 
 
 def test_two_encoding_processes_write_the_same_files(exported, tmp_path):
@@ -261,7 +259,7 @@ def test_two_encoding_processes_write_the_same_files(exported, tmp_path):
 
     for asset in ("image_shards", "tokenizer"):  # reuse the upstream artefacts: only the export reruns
         shutil.copytree(f"{store.root}/{asset}", f"{other.root}/{asset}")
-    two = export_tokens(load_profile("tiny", ["tokens.processes=2"]), "prologue", other, progress=False)
+    two = export_tokens(tiny_plan(other, ["tokens.processes=2"]), "prologue", progress=False)
     assert not two.cached and two.artifact.key == r.artifact.key  # parallelism is not part of the key
     data = {rel: rec for rel, rec in r.manifest["files"].items() if rel.startswith(("parquet/", "wds/"))}
     assert len(data) == 10 and all(two.manifest["files"][rel] == rec for rel, rec in data.items())  # same bytes

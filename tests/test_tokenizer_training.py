@@ -19,6 +19,7 @@ from pipelines.checkpoints import latest_checkpoint, load_checkpoint, load_tenso
 from pipelines.profiles import load_profile
 from pipelines.store import Store
 from pipelines.train_tokenizer import train_tokenizer
+from tests.conftest import copy_store, tiny_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,10 +70,10 @@ def test_baseline_has_no_prior_and_prologue_trains_it():
     assert any(not torch.equal(before[k], v) for k, v in pro.prior.state_dict().items())
 
 
-def test_training_learns_and_writes_outputs(tmp_path, fashion_mnist):
-    store = Store(str(tmp_path))
-    profile = load_profile("tiny", ["tokenizer_train.steps=60", "tokenizer_train.gan_start=1000"])
-    result = train_tokenizer(profile, "prologue", store, progress=False, on_log=lambda _: None)
+def test_training_learns_and_writes_outputs(tmp_path, tiny_graph):
+    store = copy_store(tiny_graph.root, Store(str(tmp_path)), ("image_shards",))
+    plan = tiny_plan(store, ["tokenizer_train.steps=60", "tokenizer_train.gan_start=1000"])
+    result = train_tokenizer(plan, "prologue", progress=False, on_log=lambda _: None)
     m = result.manifest
     history = [json.loads(line) for line in result.artifact.read_bytes("history.jsonl").decode().splitlines()]
     assert [h["step"] for h in history] == list(range(5, 61, 5))
@@ -88,7 +89,7 @@ def test_training_learns_and_writes_outputs(tmp_path, fashion_mnist):
     assert result.artifact.verify(checksums=True) == []
     ema = load_tensors(result.artifact, "model/tokenizer.safetensors")
     assert not any("prior" in k for k in ema) and any("prologue_quantizer" in k for k in ema)
-    again = train_tokenizer(profile, "prologue", store, progress=False, on_log=lambda _: None)
+    again = train_tokenizer(plan, "prologue", progress=False, on_log=lambda _: None)
     assert again.cached and again.manifest == m
 
 
@@ -99,7 +100,9 @@ def _cli(store_url: str, *extra: str, **popen) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def test_killed_training_resumes_to_identical_weights(tmp_path, fashion_mnist):
+def test_killed_training_resumes_to_identical_weights(tmp_path, tiny_graph):
+    for name in ("killed", "clean"):  # the image shards are there: only the tokenizer is trained
+        copy_store(tiny_graph.root, Store(str(tmp_path / name)), ("image_shards",))
     store_dir = tmp_path / "killed"
     proc = _cli(str(store_dir), start_new_session=True)
     deadline = time.time() + 180
@@ -127,22 +130,23 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, fashion_mnist):
         assert killed_m["files"][rel]["sha256"] == clean_m["files"][rel]["sha256"], rel
 
 
-def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, fashion_mnist):
-    profile = load_profile("tiny", ["tokenizer_train.processes=2", "tokenizer_train.steps=12",
-                                    "tokenizer_train.gan_start=6"])
+def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, tiny_graph):
+    store = copy_store(tiny_graph.root, Store(str(tmp_path)), ("image_shards",))
+    plan = tiny_plan(store, ["tokenizer_train.processes=2", "tokenizer_train.steps=12", "tokenizer_train.gan_start=6"])
     lines: list[str] = []
-    result = train_tokenizer(profile, "prologue", Store(str(tmp_path)), progress=False, on_log=lines.append)
+    result = train_tokenizer(plan, "prologue", progress=False, on_log=lines.append)
     metrics = result.manifest["metrics"]
     assert metrics["ranks"] == 2 and metrics["ranks_in_sync"] is True
     assert result.manifest["counts"]["steps"] == 12
 
 
-def test_tokenizer_asset_both_variants_in_one_run(tmp_path, fashion_mnist):
+def test_tokenizer_asset_both_variants_in_one_run(tmp_path, tiny_graph):
     from assets.automation import ALL_VARIANTS
     from assets.data import image_shards
     from assets.resources import ProfileResource, StoreResource
     from assets.tokenizer import tokenizer
 
+    copy_store(tiny_graph.root, Store(str(tmp_path)), ("image_shards", "tokenizer"))  # trained by tiny_graph
     resources = {"store": StoreResource(url=str(tmp_path)), "profile": ProfileResource(name="tiny")}
     with DagsterInstance.ephemeral() as instance:
         # one run over both variant partitions: each gets its own materialisation and metadata
@@ -193,15 +197,15 @@ def test_dead_code_restart_reseeds_unused_entries():
     assert restarter.counts.sum() == 0
 
 
-def test_prologue_post_trains_only_the_prologue_path(tmp_path, fashion_mnist):
+def test_prologue_post_trains_only_the_prologue_path(tmp_path, tiny_graph):
     from safetensors.torch import load
 
-    from pipelines.train_tokenizer import load_tokenizer
+    from pipelines.loaders import load_tokenizer
 
-    profile = load_profile("tiny", ["variants=baseline,prologue_post"])
-    store = Store(str(tmp_path))
-    post = train_tokenizer(profile, "prologue_post", store, progress=False)
-    base = train_tokenizer(profile, "baseline", store, progress=False)
+    store = copy_store(tiny_graph.root, Store(str(tmp_path)), ("image_shards", "tokenizer"))
+    plan = tiny_plan(store, ["variants=baseline,prologue_post"])
+    post = train_tokenizer(plan, "prologue_post", progress=False)
+    base = train_tokenizer(plan, "baseline", progress=False)
     assert base.cached and post.manifest["lineage"]["tokenizer/baseline"] == base.artifact.key
     base_w = load(base.artifact.read_bytes("model/tokenizer.safetensors"))
     post_w = load(post.artifact.read_bytes("model/tokenizer.safetensors"))

@@ -1,0 +1,89 @@
+"""Worker of the `samples` step: one sampling rank (every processes-th shard task).
+
+Each task (guidance, class, chunk) becomes one WebDataset tar of lossless PNGs, recorded as a part,
+so a killed run continues without duplicates. Started as `python -m pipelines.workers.sampling`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import webdataset as wds
+
+from modeling.config import from_dict
+from modeling.sampler import SamplerConfig
+from pipelines.images import encode_png, to_pil
+from pipelines.launch import worker_context
+from pipelines.loaders import load_ar, load_tokenizer
+from pipelines.sampling import ASSET, guided, tasks, to_uint8
+from pipelines.store import Store
+from pipelines.workers import worker_main
+
+
+def run(store: Store, key: str, progress: bool) -> None:
+    from tqdm import tqdm
+
+    from modeling.sampler import sample, sample_seeds
+
+    ctx = worker_context()
+    rank, world, device = ctx.rank, ctx.world, ctx.device
+    artifact = store.artifact(ASSET, key)
+    spec = artifact.read_json("spec.json")
+    cfg = from_dict(SamplerConfig, spec["sampler"])
+    model = load_ar(store.artifact("ar_model", spec["inputs"]["ar_model"]), device)
+    tokenizer = load_tokenizer(store.artifact("tokenizer", spec["inputs"]["tokenizer"]), device)
+    done = artifact.parts()
+    mine = [
+        t
+        for t in tasks(spec["num_classes"], spec["samples_per_class"], spec["shard_size"])[rank::world]
+        if t[0] not in done
+    ]
+    bar = tqdm(
+        total=sum(t[4] - t[3] for t in mine), unit="img", disable=not (progress and rank == 0 and sys.stderr.isatty())
+    )
+    for name, g, c, first, end in mine:
+        t0 = time.perf_counter()
+        rel, seeds = f"samples/{name}.tar", []
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "shard.tar")
+            with wds.TarWriter(local, mtime=0.0) as sink:  # fixed mtime: same samples -> same bytes
+                for i in range(first, end, cfg.batch_size):
+                    idx = torch.arange(i, min(end, i + cfg.batch_size))
+                    cls = torch.full_like(idx, c)
+                    batch_seeds = sample_seeds(cfg.seed, cls, idx)
+                    codes = sample(model, cls.to(device), batch_seeds, guided(cfg, g))
+                    with torch.no_grad():
+                        images = to_pil(to_uint8(tokenizer.decode_codes(codes["visual"])))
+                    for j, img in enumerate(images):
+                        meta = {
+                            "class": c,
+                            "index": int(idx[j]),
+                            "seed": int(batch_seeds[j]),
+                            "guidance": g,
+                            "prologue": codes["prologue"][j].tolist(),
+                        }
+                        sink.write(
+                            {
+                                "__key__": f"{g}_{c:04d}_{int(idx[j]):06d}",
+                                "png": encode_png(img),
+                                "cls": c,
+                                "json": meta,
+                            }
+                        )
+                        seeds.append(meta["seed"])
+                    bar.update(len(idx))
+            record = artifact.put_file(local, rel)
+        artifact.record_part(name, {"files": {rel: record.__dict__}, "samples": len(seeds), "seeds": seeds})
+        if rank == 0:
+            print(f"{name}: {len(seeds)} samples ({len(seeds) / (time.perf_counter() - t0):.1f} img/s)", flush=True)
+    bar.close()
+
+
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(run))
