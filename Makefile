@@ -16,7 +16,7 @@ test: setup
 	$(PY) -m pytest -q
 
 ui: setup
-	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	PROLOGUE_PROFILE=$(PROFILE) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: setup
 	$(PY) bench/run_all.py

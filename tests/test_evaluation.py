@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,15 +42,13 @@ def _materialisations(result) -> dict[tuple[str, str | None], dict]:
     }
 
 
-def test_rerun_of_the_whole_graph_with_nothing_new_trains_nothing(full_run):
+def test_rerun_of_the_whole_graph_with_nothing_new_trains_nothing(full_run, tiny_graph):
     from assets.definitions import defs
 
-    root, instance, first_seconds = full_run
+    root, instance, _ = full_run
     trained = ("tokenizer", "ar_model", "samples", "token_dataset")
     before = _mtimes(root, trained)
-    start = time.perf_counter()
     result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, resources=tiny_resources(root))
-    seconds = time.perf_counter() - start
     assert result.success
     mats = _materialisations(result)
     assert len(mats) == 1 + 1 + 7 * 2 + 1  # shards, reference stats, 7 variant assets x 2 partitions, table
@@ -60,10 +57,8 @@ def test_rerun_of_the_whole_graph_with_nothing_new_trains_nothing(full_run):
         assert reused and all(reused), name
     assert _mtimes(root, trained) == before  # no checkpoint, weight or sample file was written
     # the first run's log has the trainers' checkpoint lines; this one has none
-    first_run = [r for r in instance.get_run_records() if r.dagster_run.run_id != result.run_id][-1].dagster_run
-    assert any("checkpoint" in e.user_message for e in instance.all_logs(first_run.run_id))
+    assert any("checkpoint" in e.user_message for e in instance.all_logs(tiny_graph.run_id))
     assert not any("checkpoint" in e.user_message for e in instance.all_logs(result.run_id))
-    assert seconds < 0.5 * first_seconds, (seconds, first_seconds)
     assert all(c.passed for c in result.get_asset_check_evaluations())
 
 
@@ -195,7 +190,7 @@ def test_protocol_guards_name_what_differs(full_run):
     }
     problems = protocol_problems(r.artifact, bad, profile)
     assert any("'Bag' has 11 samples" in p for p in problems) and any("119 unique seeds" in p for p in problems)
-    bigger = replace(profile, data=replace(profile.data, resolution=48))
+    bigger = replace(profile, data=replace(profile.data, resolution=48), tokenizer=replace(profile.tokenizer, image_size=48))
     assert any("PNG 48x48" in p for p in protocol_problems(r.artifact, r.manifest, bigger))
 
 
