@@ -190,7 +190,8 @@ def test_protocol_guards_name_what_differs(full_run):
     }
     problems = protocol_problems(r.artifact, bad, profile)
     assert any("'Bag' has 11 samples" in p for p in problems) and any("119 unique seeds" in p for p in problems)
-    bigger = replace(profile, data=replace(profile.data, resolution=48), tokenizer=replace(profile.tokenizer, image_size=48))
+    bigger = replace(profile, data=replace(profile.data, resolution=48),
+                     tokenizer=replace(profile.tokenizer, image_size=48))  # fmt: skip
     assert any("PNG 48x48" in p for p in protocol_problems(r.artifact, r.manifest, bigger))
 
 
