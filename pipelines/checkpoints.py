@@ -11,7 +11,7 @@ import tempfile
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipelines.store import Artifact
 
@@ -22,12 +22,11 @@ def save_checkpoint(artifact: Artifact, step: int, tensors: dict[str, dict[str, 
                     state: dict[str, Any]) -> str:
     """Upload one checkpoint and record it; returns its folder (relative to the artefact)."""
     folder = f"checkpoints/step-{step:07d}"
-    files = {}
+    files = {
+        f"{folder}/{name}.safetensors": artifact.put_safetensors(f"{folder}/{name}.safetensors", sd).__dict__
+        for name, sd in tensors.items()
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        for name, sd in tensors.items():
-            local = os.path.join(tmp, f"{name}.safetensors")
-            save_file(sd, local)
-            files[f"{folder}/{name}.safetensors"] = artifact.put_file(local, f"{folder}/{name}.safetensors").__dict__
         local = os.path.join(tmp, "state.pt")
         torch.save(state, local)
         files[f"{folder}/state.pt"] = artifact.put_file(local, f"{folder}/state.pt").__dict__

@@ -268,19 +268,30 @@ def _rows(artifact: Artifact, split: str) -> tuple[torch.Tensor, torch.Tensor, t
     return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
 
-STEPS = ("reference_stats", "reconstruction_metrics", "generation_metrics", "linear_probe")
+def _numbers(metrics: dict, prefix: str = "") -> str:
+    return ", ".join(f"{prefix}{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+
+
+SUMMARIES: dict[str, Callable[[dict], str]] = {
+    "reference_stats": lambda m: f"{m['counts']['images']} images, stats sha256 {m['stats_sha256'][:12]}",
+    "reconstruction_metrics": lambda m: _numbers(m["metrics"]),
+    "generation_metrics": lambda m: "; ".join(f"{g}: {_numbers(m['metrics'][g])}" for g in GUIDANCE)
+    + f"; {m['metrics']['reference_images']} reference images",
+    "linear_probe": lambda m: ", ".join(
+        f"top-1 {k} {v['top1']:.3f}" for k, v in m["metrics"].items() if isinstance(v, dict)
+    )
+    + f" ({m['metrics']['train_rows']} train_rows)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     from pipelines.runner import step_main
 
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--step", choices=STEPS, default="generation_metrics")
+    parser.add_argument("--step", choices=list(SUMMARIES), default="generation_metrics")
     args, rest = parser.parse_known_args(argv)
-    summary = (lambda m: f"stats sha256 {m['stats_sha256'][:12]}") if args.step == "reference_stats" else (
-        lambda m: str({k: v for k, v in m["metrics"].items() if isinstance(v, float)})[:300]
-    )
-    return step_main(__doc__ + f"\nStep: {args.step} (choose with --step).", rest, args.step, summary=summary)
+    doc = __doc__ + f"\nStep: {args.step} (choose with --step)."
+    return step_main(doc, rest, args.step, summary=SUMMARIES[args.step])
 
 
 if __name__ == "__main__":

@@ -280,6 +280,16 @@ class Plan:
         return _target(self.store, "results_table", None, {"rows": rows}, self.results_inputs())
 
     # -- the graph ----------------------------------------------------------------------------------
+    def partitions(self, asset: str) -> list[str | None]:
+        """The partitions of an asset: splits, evaluators, variants, or the one unpartitioned None."""
+        if asset == "image_shards":
+            return list(SPLITS)
+        if asset == "reference_stats":
+            return list(self.evaluators)
+        if asset == "results_table":
+            return [None]
+        return list(self.profile.variants)
+
     def targets(self, asset: str, partition: str | None) -> list[Target]:
         """The target(s) of one asset partition (samples: one per sampling run; results_table: none
         known before its inputs exist)."""

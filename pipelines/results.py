@@ -158,7 +158,7 @@ def _write(plan: Plan, target: Target, rows: list[dict[str, Any]]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from pipelines.runner import step_main
 
-    return step_main(__doc__, argv, ASSET, partitions=[None], summary=lambda m: f"{len(m['rows'])} rows")
+    return step_main(__doc__, argv, ASSET, partitioned=False, summary=lambda m: f"{len(m['rows'])} rows")
 
 
 if __name__ == "__main__":

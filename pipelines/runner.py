@@ -75,15 +75,15 @@ def step_main(
     argv: list[str] | None,
     asset: str,
     *,
-    partitions: list[str] | None = None,
+    partitioned: bool = True,
     summary: Callable[[dict[str, Any]], str] = lambda m: "",
 ) -> int:
     """The command line of one step: the step for the chosen partitions, and its missing upstream."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
-    if partitions is None or len(partitions) > 1:
+    if partitioned:
         parser.add_argument("--partition", "--variant", "--split", dest="partitions", action="append",
-                            help="partition(s) to materialise (default: all of the profile's)")
+                            help="partition(s) to materialise: variants, splits or evaluators (default: all)")
     parser.add_argument("--store", default=None, help="store URL (default: $PROLOGUE_STORE or ./store)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a profile field, e.g. --set data.workers=4")
@@ -92,7 +92,7 @@ def step_main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     profile = load_profile(args.profile, args.overrides)
     plan = Plan.from_listing(profile, Store(args.store))
-    chosen = getattr(args, "partitions", None) or partitions or profile.variants
+    chosen = getattr(args, "partitions", None) or plan.partitions(asset)
     results = run_missing(plan, asset, chosen, progress=not args.no_progress)
     for p, result in results.items():
         first = result[0] if isinstance(result, list) else result

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipelines.images import encode_png, grid_png
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
-from pipelines.profiles import SPLITS, DataConfig
+from pipelines.profiles import DataConfig
 from pipelines.sources import CorruptImage, Item, Source, open_source
 from pipelines.store import StepResult, Store
 
@@ -220,7 +220,7 @@ def _preview(source: Source, items: list[Item], data: DataConfig) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     from pipelines.runner import step_main
 
-    return step_main(__doc__, argv, ASSET, partitions=list(SPLITS))
+    return step_main(__doc__, argv, ASSET)
 
 
 if __name__ == "__main__":

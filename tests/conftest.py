@@ -3,7 +3,9 @@ trained tiny store that the integration tests reuse."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
 import shutil
 import time
@@ -157,12 +159,24 @@ def shard(profile, split: str, store: Store):
     return shard_split(Plan.from_listing(profile, store), split, progress=False)
 
 
+@functools.cache
+def _listing(data: str):
+    """One listing per data config and test run: the raw sources do not change under the tests."""
+    from modeling.config import from_dict
+    from pipelines.plan import list_source
+    from pipelines.profiles import DataConfig
+
+    return list_source(from_dict(DataConfig, json.loads(data)))
+
+
 def tiny_plan(store: Store, overrides: list[str] | None = None):
-    """The tiny profile's plan over `store` (lists the source)."""
+    """The tiny profile's plan over `store`."""
+    from modeling.config import to_dict
     from pipelines.plan import Plan
     from pipelines.profiles import load_profile
 
-    return Plan.from_listing(load_profile("tiny", overrides or []), store)
+    profile = load_profile("tiny", overrides or [])
+    return Plan(profile, store, _listing(json.dumps(to_dict(profile.data), sort_keys=True)))
 
 
 @pytest.fixture

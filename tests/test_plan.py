@@ -166,8 +166,8 @@ def test_runner_announces_and_runs_only_the_missing_steps(tiny_copy):
     ("pipelines.train_ar", ["--variant", "prologue"], "val ce_visual"),
     ("pipelines.sampling", ["--variant", "baseline"], "'cfg': 120"),
     ("pipelines.evaluate", ["--step", "reference_stats"], "stats sha256"),
-    ("pipelines.evaluate", ["--step", "reconstruction_metrics", "--variant", "prologue"], "rfd_effnetlite0"),
-    ("pipelines.evaluate", ["--step", "generation_metrics", "--variant", "prologue"], "'reference_images': 128"),
+    ("pipelines.evaluate", ["--step", "reconstruction_metrics", "--variant", "prologue"], "rfd_effnetlite0="),
+    ("pipelines.evaluate", ["--step", "generation_metrics", "--variant", "prologue"], "128 reference images"),
     ("pipelines.evaluate", ["--step", "linear_probe", "--variant", "baseline"], "train_rows"),
     ("pipelines.results", [], "results_table: 2 rows"),
 ])  # fmt: skip

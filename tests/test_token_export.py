@@ -110,7 +110,7 @@ def _png(data: bytes):
 def test_storage_is_at_most_2_2_bytes_per_token_at_fashion32_block_size(exported, tmp_path):
     # tiny rows are 18 tokens in blocks of 64: tar headers dominate there; at the fashion32 layout
     # (68 tokens per row, 4096-row blocks) both formats must stay within 2.2 bytes per token.
-    from pipelines.token_export import _write_parquet, _write_wds
+    from pipelines.workers.export import _write_parquet, _write_wds
 
     store = Store(str(tmp_path / "s"))
     art = store.artifact("token_dataset", "layout")

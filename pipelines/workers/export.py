@@ -32,8 +32,6 @@ from pipelines.workers import worker_main
 
 
 def run(store: Store, key: str, progress: bool) -> None:
-    from tqdm import tqdm
-
     ctx = worker_context()
     rank, world, device = ctx.rank, ctx.world, ctx.device
     artifact = store.artifact(ASSET, key)
@@ -45,7 +43,7 @@ def run(store: Store, key: str, progress: bool) -> None:
     done = artifact.parts()
     mine = [t for t in tasks(manifests)[rank::world] if t[0] not in done]
     total = sum(_shard_images(manifests[s], rel) for _, s, rel in mine)
-    bar = tqdm(total=total, unit="img", disable=not (progress and rank == 0 and sys.stderr.isatty()))
+    bar = ctx.progress(total, unit="img", enabled=progress)
     for name, split, rel in mine:
         t0 = time.perf_counter()
         augment = cfg.augment if split == "train" else "none"

@@ -25,8 +25,6 @@ from pipelines.workers import worker_main
 
 
 def run(store: Store, key: str, progress: bool) -> None:
-    from tqdm import tqdm
-
     from modeling.sampler import sample, sample_seeds
 
     ctx = worker_context()
@@ -42,9 +40,7 @@ def run(store: Store, key: str, progress: bool) -> None:
         for t in tasks(spec["num_classes"], spec["samples_per_class"], spec["shard_size"])[rank::world]
         if t[0] not in done
     ]
-    bar = tqdm(
-        total=sum(t[4] - t[3] for t in mine), unit="img", disable=not (progress and rank == 0 and sys.stderr.isatty())
-    )
+    bar = ctx.progress(sum(t[4] - t[3] for t in mine), unit="img", enabled=progress)
     for name, g, c, first, end in mine:
         t0 = time.perf_counter()
         rel, seeds = f"samples/{name}.tar", []
