@@ -38,17 +38,17 @@ def ar_model(
         result = train_ar.train_ar(plan, variant, on_log=context.log.info, progress=False, runner=run_with_pipes)
         m, art = result.manifest, result.artifact
         finite[variant] = checks.finite_problems(art)
-        metrics = m["metrics"]
+        metrics = m.metrics
         metadata = {
-            "steps": m["counts"]["steps"],
-            "parameters": m["counts"]["parameters"],
+            "steps": m.counts.steps,
+            "parameters": m.counts.parameters,
             "final_loss": round(metrics["final"]["loss"], 4),
             "val_ce_visual": round(metrics["val_ce_visual"], 4),
             "val_accuracy_visual": round(metrics["val_accuracy_visual"], 4),
             "val_sequences": metrics["val_sequences"],
             "ranks": metrics["ranks"],
-            "bf16": m["deepspeed"]["bf16"],
-            "deepspeed_config": MetadataValue.json(m["deepspeed"]["config"]),
+            "bf16": m.deepspeed["bf16"],
+            "deepspeed_config": MetadataValue.json(m.deepspeed["config"]),
             "loss_curves": png_markdown(art.read_bytes("loss_curves.png"), "AR training curves"),
         }
         if "val_ce_prologue" in metrics:

@@ -31,7 +31,7 @@ def step_metadata(result: StepResult, metadata: dict) -> dict:
     return {
         "uri": MetadataValue.path(art.uri),
         "cache_key": art.key,
-        "profile": result.manifest["profile"],
+        "profile": getattr(result.manifest, "profile", ""),
         "reused_existing": result.cached,
         "seconds": round(result.seconds, 2),
         **metadata,
@@ -106,19 +106,19 @@ def image_shards(context: AssetExecutionContext, store: StoreResource, profile: 
     for split in SPLITS:
         result = sharding.shard_split(plan, split, on_log=context.log.info, progress=False)
         m, art = result.manifest, result.artifact
-        counts = m["counts"]
+        counts = m.counts
         metadata |= {
             f"{split}_uri": MetadataValue.path(art.uri),
             f"{split}_cache_key": art.key,
             f"{split}_samples": counts["samples"],
             f"{split}_corrupt_skipped": counts["corrupt"],
             f"{split}_shards": counts["shards"],
-            f"{split}_bytes": sum(f["size"] for f in m["files"].values()),
+            f"{split}_bytes": sum(f.size for f in m.files.values()),
             f"{split}_reused_existing": result.cached,
             f"{split}_seconds": round(result.seconds, 2),
             f"{split}_per_class": MetadataValue.json(counts["per_class"]),
         }
-        if "preview.png" in m["files"]:
+        if "preview.png" in m.files:
             metadata[f"{split}_preview"] = png_markdown(art.read_bytes("preview.png"), f"{split} preview")
         keys[split] = art.key
         problems[split] = checks.shard_problems(art)

@@ -39,16 +39,16 @@ def samples(context: AssetExecutionContext, store: StoreResource, profile: Profi
         result = runs[0]
         m, art = result.manifest, result.artifact
         metadata = {
-            "samples_cfg": m["counts"]["samples"]["cfg"],
-            "samples_nocfg": m["counts"]["samples"]["nocfg"],
+            "samples_cfg": m.counts["samples"]["cfg"],
+            "samples_nocfg": m.counts["samples"]["nocfg"],
             "per_class": prof.evaluation.samples_per_class,
-            "sampler": MetadataValue.json(m["config"]["sampler"]),
+            "sampler": MetadataValue.json(m.config["sampler"]),
             "sampling_runs": len(runs),
-            "seed_rule": m["seed_rule"],
+            "seed_rule": m.seed_rule,
             "grid_cfg": png_markdown(art.read_bytes("grid_cfg.png"), "with guidance: 8 samples per class (rows)"),
             "grid_nocfg": png_markdown(art.read_bytes("grid_nocfg.png"), "without guidance: 8 samples per class"),
         }
-        if "resample_visual.png" in m["files"]:
+        if "resample_visual.png" in m.files:
             metadata["resample_visual"] = png_markdown(
                 art.read_bytes("resample_visual.png"),
                 "first column: a sample; the rest keep its prologue, new visual tokens",
@@ -74,8 +74,8 @@ def reference_stats(context: AssetExecutionContext, store: StoreResource, profil
         keys[e] = r.artifact.key
         metadata |= {
             f"{e}_uri": MetadataValue.path(r.artifact.uri),
-            f"{e}_images": r.manifest["counts"]["images"],
-            f"{e}_stats_sha256": r.manifest["stats_sha256"],
+            f"{e}_images": r.manifest.counts.images,
+            f"{e}_stats_sha256": r.manifest.stats_sha256,
             f"{e}_reused_existing": r.cached,
             f"{e}_seconds": round(r.seconds, 2),
         }
@@ -84,7 +84,7 @@ def reference_stats(context: AssetExecutionContext, store: StoreResource, profil
 
 def _metrics_metadata(result, flat: dict) -> dict:
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in flat.items()}
-    return {**shown, "metrics": MetadataValue.json(result.manifest["metrics"])}
+    return {**shown, "metrics": MetadataValue.json(result.manifest.metrics)}
 
 
 @asset(
@@ -100,7 +100,7 @@ def reconstruction_metrics(context: AssetExecutionContext, store: StoreResource,
 
     def step(variant: str):
         r = evaluate.reconstruction_metrics(plan, variant, on_log=context.log.info)
-        m = r.manifest["metrics"]
+        m = r.manifest.metrics
         keys = [k for k in m if k.startswith("rfd_")] + ["psnr_db", "images", "reference_sha256"]
         return r, _metrics_metadata(r, {k: m[k] for k in keys})
 
@@ -125,10 +125,10 @@ def generation_metrics(context: AssetExecutionContext, store: StoreResource, pro
 
     def step(variant: str):
         r = evaluate.generation_metrics(plan, variant, on_log=context.log.info)
-        m = r.manifest["metrics"]
+        m = r.manifest.metrics
         problems[variant] = []
         for e, sha in m["references"].items():  # every reference used must still re-hash to what the metrics used
-            ref = st.artifact("reference_stats", r.manifest["lineage"][f"reference_stats/{e}"])
+            ref = st.artifact("reference_stats", r.manifest.lineage[f"reference_stats/{e}"])
             try:
                 evaluate.load_reference(ref)  # re-hashes stats.npz against its manifest
                 if ref.manifest()["stats_sha256"] != sha:
@@ -156,7 +156,7 @@ def linear_probe(context: AssetExecutionContext, store: StoreResource, profile: 
 
     def step(variant: str):
         r = evaluate.linear_probe(plan, variant, on_log=context.log.info)
-        m = r.manifest["metrics"]
+        m = r.manifest.metrics
         return r, _metrics_metadata(r, {f"top1_{k}": v["top1"] for k, v in m.items() if isinstance(v, dict)})
 
     return per_variant(context, step)

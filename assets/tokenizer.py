@@ -42,9 +42,9 @@ def tokenizer(context: AssetExecutionContext, store: StoreResource, profile: Pro
         m, art = result.manifest, result.artifact
         finite[variant] = checks.finite_problems(art)
         usage[variant] = checks.codebook_problems(art, prof.operations.codebook_usage_floor)
-        metrics = m["metrics"]
+        metrics = m.metrics
         metadata = {
-            "steps": m["counts"]["steps"],
+            "steps": m.counts.steps,
             "val_psnr_db": round(metrics["psnr_db"], 3),
             "val_l1": round(metrics["l1"], 5),
             "val_images": metrics["images"],

@@ -1,5 +1,7 @@
 """Stage-2 asset: the pre-tokenised dataset (Parquet + WebDataset), one partition per variant."""
 
+import dataclasses
+
 from dagster import AssetExecutionContext, MetadataValue, asset
 
 from assets import checks
@@ -29,17 +31,17 @@ def token_dataset(context: AssetExecutionContext, store: StoreResource, profile:
         result = token_export.export_tokens(plan, variant, on_log=context.log.info, progress=False)
         m, art = result.manifest, result.artifact
         problems[variant] = checks.token_problems(art)
-        counts, sanity = m["counts"], m["sanity"]
+        counts, sanity = m.counts, m.sanity
         return result, {
             "train_rows": counts["rows"]["train"],
             "val_rows": counts["rows"]["val"],
             "tokens": counts["tokens"],
-            "views": MetadataValue.json(m["views"]),
+            "views": MetadataValue.json(m.views),
             "bytes_per_token_parquet": counts["bytes_per_token"]["parquet"],
             "bytes_per_token_wds": counts["bytes_per_token"]["wds"],
             "parquet": MetadataValue.path(art.file_uri("parquet")),
             "webdataset": MetadataValue.path(art.file_uri("wds")),
-            "codes": MetadataValue.json(m["codes"]),
+            "codes": MetadataValue.json(dataclasses.asdict(m.codes)),
             "sanity_psnr_db": sanity["psnr_db"],
             "tokenizer_psnr_db": round(sanity["tokenizer_psnr_db"], 4),
             "sanity": png_markdown(art.read_bytes("sanity.png"), "val originals (top), decoded from stored codes"),

@@ -29,8 +29,8 @@ def run(images: int, workers: int, store_url: str) -> tuple[float, dict]:
     profile = load_profile("fashion32", [f"data.train.limit={images}", "data.shard_size=1000",
                                          f"data.workers={workers}", "data.preview=0"])
     result = shard_split(Plan.from_listing(profile, Store(store_url)), "train", progress=False, on_log=lambda _: None)
-    assert not result.cached and result.manifest["counts"]["samples"] == images
-    return images / result.seconds, result.manifest["files"]
+    assert not result.cached and result.manifest.counts.samples == images
+    return images / result.seconds, {rel: f.sha256 for rel, f in result.manifest.files.items()}
 
 
 def main() -> int:

@@ -10,33 +10,35 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as load_safetensors
 
+from pipelines.manifests import parse
 from pipelines.store import Artifact
 
 
 def shard_problems(art: Artifact) -> list[str]:
     """image_shards: every file present with its recorded size and sha256, and the counts add up."""
-    m = art.manifest()
-    problems = art.verify(m, checksums=True)
-    if m is None:
+    raw = art.manifest()
+    problems = art.verify(raw, checksums=True)
+    if raw is None:
         return problems
-    counts = m["counts"]
-    if len(m["shards"]) != counts["shards"]:
-        problems.append(f"{len(m['shards'])} shards listed, counts say {counts['shards']}")
-    if counts["samples"] + counts["corrupt"] != counts["source_items"]:
-        problems.append(f"{counts['samples']} samples + {counts['corrupt']} corrupt != "
-                        f"{counts['source_items']} source items")
-    if sum(counts["per_class"].values()) != counts["samples"]:
-        problems.append(f"per-class counts sum to {sum(counts['per_class'].values())}, not {counts['samples']}")
+    m = parse(raw)
+    counts = m.counts
+    if len(m.shards) != counts.shards:
+        problems.append(f"{len(m.shards)} shards listed, counts say {counts.shards}")
+    if counts.samples + counts.corrupt != counts.source_items:
+        problems.append(f"{counts.samples} samples + {counts.corrupt} corrupt != {counts.source_items} source items")
+    if sum(counts.per_class.values()) != counts.samples:
+        problems.append(f"per-class counts sum to {sum(counts.per_class.values())}, not {counts.samples}")
     return problems
 
 
 def token_problems(art: Artifact) -> list[str]:
     """token_dataset: files intact (sha256) and every split's Parquet row count as recorded."""
-    m = art.manifest()
-    problems = art.verify(m, checksums=True)
-    if problems or m is None:
+    raw = art.manifest()
+    problems = art.verify(raw, checksums=True)
+    if problems or raw is None:
         return problems
-    for split, files in m["layout"]["parquet"].items():
+    m = parse(raw)
+    for split, files in m.layout["parquet"].items():
         rows = 0
         for f in files:
             with art.fs.open(art.file_path(f["file"]), "rb") as fh:
@@ -44,17 +46,17 @@ def token_problems(art: Artifact) -> list[str]:
             if n != f["rows"]:
                 problems.append(f"{f['file']}: {n} rows, manifest says {f['rows']}")
             rows += n
-        if rows != m["counts"]["rows"][split]:
-            problems.append(f"{split}: {rows} Parquet rows, counts say {m['counts']['rows'][split]}")
+        if rows != m.counts["rows"][split]:
+            problems.append(f"{split}: {rows} Parquet rows, counts say {m.counts['rows'][split]}")
     return problems
 
 
 def finite_problems(art: Artifact) -> list[str]:
     """Checkpoints (every `.safetensors` file of the artefact): no NaN or Inf in any tensor."""
-    m = art.manifest()
-    if m is None:
-        return art.verify(m)
-    files = [rel for rel in m["files"] if rel.endswith(".safetensors")]
+    raw = art.manifest()
+    if raw is None:
+        return art.verify(raw)
+    files = [rel for rel in parse(raw).files if rel.endswith(".safetensors")]
     if not files:
         return ["no .safetensors weights in the manifest"]
     problems = []
@@ -70,7 +72,7 @@ def finite_problems(art: Artifact) -> list[str]:
 def codebook_problems(art: Artifact, floor: float) -> list[str]:
     """Tokenizer: the fraction of each codebook used on val images is at least `floor` (a collapsed
     codebook passes every loss curve but wastes the model)."""
-    metrics = art.manifest()["metrics"]
+    metrics = parse(art.manifest()).metrics
     problems = []
     for book in ("visual_codes", "prologue_codes"):
         if book in metrics and metrics[book]["fraction_used"] < floor:

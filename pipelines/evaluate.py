@@ -26,6 +26,7 @@ import torch
 
 from modeling.fidelity import Embedder, set_metrics
 from pipelines.loaders import load_tokenizer
+from pipelines.manifests import ReferenceManifest, SamplesManifest
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.sampling import GUIDANCE
 from pipelines.shard_reader import image_dataset, image_loader
@@ -99,18 +100,18 @@ def load_reference(artifact: Artifact) -> tuple[np.ndarray, np.ndarray, torch.Te
     return mu, sigma, torch.from_numpy(np.load(io.BytesIO(artifact.read_bytes("features.npy"))))
 
 
-def _references(plan: Plan) -> dict[str, tuple[Target, dict]]:
+def _references(plan: Plan) -> dict[str, tuple[Target, ReferenceManifest]]:
     """Every evaluator's reference target and manifest (required: an input of the metric steps)."""
     return {e: (t, t.require()) for e, t in plan.references().items()}
 
 
-def _reference_fields(refs: dict[str, tuple[Target, dict]], main: str) -> dict[str, Any]:
+def _reference_fields(refs: dict[str, tuple[Target, ReferenceManifest]], main: str) -> dict[str, Any]:
     m = refs[main][1]
     return {
         "reference": "val",
-        "reference_images": m["counts"]["images"],
-        "reference_sha256": m["stats_sha256"],
-        "references": {e: rm["stats_sha256"] for e, (_, rm) in refs.items()},
+        "reference_images": m.counts.images,
+        "reference_sha256": m.stats_sha256,
+        "references": {e: rm.stats_sha256 for e, (_, rm) in refs.items()},
     }
 
 
@@ -142,10 +143,10 @@ def _reconstruction(plan: Plan, target: Target, variant: str) -> dict:
     metrics: dict[str, Any] = {}
     for i, (e, w) in enumerate(plan.evaluators.items()):
         ref_target, ref_manifest = refs[e]
-        pool, logits = Embedder(e, w)(reconstructions(i == 0), ref_manifest["counts"]["images"])
+        pool, logits = Embedder(e, w)(reconstructions(i == 0), ref_manifest.counts.images)
         for k, v in set_metrics(pool, logits, load_reference(ref_target.artifact), e).items():
             metrics["r" + k if k.startswith(("fd_", "fid_")) else f"recon_{k}"] = v
-    n = refs[ev.evaluator][1]["counts"]["images"]
+    n = refs[ev.evaluator][1].counts.images
     metrics |= {"psnr_db": float(torch.cat(psnrs)[:n].mean()), "images": n}
     metrics |= _reference_fields(refs, ev.evaluator)
     return _commit_metrics(plan, target, metrics, {"evaluators": list(refs)})
@@ -159,15 +160,15 @@ def generation_metrics(plan: Plan, variant: str, *, on_log=log.info, progress: b
     return cached_or_run(target, lambda: _generation(plan, target, variant, on_log), on_log)
 
 
-def _sample_metrics(sets: list[tuple[int, Target, dict]], refs: dict, plan: Plan) -> dict[int, dict[str, Any]]:
+def _sample_metrics(sets: list[tuple[int, Target, SamplesManifest]], refs: dict, plan: Plan) -> dict[int, dict]:
     """{seed: {guidance: metrics}} of every sample set under every evaluator."""
     per_seed: dict[int, dict[str, Any]] = {seed: {g: {} for g in GUIDANCE} for seed, _, _ in sets}
     for e, w in plan.evaluators.items():
         reference, embed = load_reference(refs[e][0].artifact), Embedder(e, w)
         for seed, t, manifest in sets:
             for g in GUIDANCE:
-                rels = manifest["layout"][g]
-                sub = {"shards": rels, "files": {r: manifest["files"][r] for r in rels}}
+                rels = manifest.layout[g]
+                sub = {"shards": rels, "files": {r: {"size": manifest.files[r].size} for r in rels}}
                 images = image_dataset(t.artifact, sub, rank=0, world_size=1)
                 chunks = _chunks(images, plan.profile.evaluation.feature_batch)
                 batches = (torch.stack([im for im, _ in c]) for c in chunks)
@@ -197,7 +198,7 @@ def _generation(plan: Plan, target: Target, variant: str, on_log: Callable[[str]
         }
     first = sets[0][2]
     metrics |= _reference_fields(refs, plan.profile.evaluation.evaluator)
-    metrics |= {"seed_rule": first["seed_rule"], "sampler": first["config"]["sampler"]}
+    metrics |= {"seed_rule": first.seed_rule, "sampler": first.config["sampler"]}
     return _commit_metrics(plan, target, metrics, {"evaluators": list(refs)})
 
 
@@ -272,15 +273,15 @@ def _numbers(metrics: dict, prefix: str = "") -> str:
     return ", ".join(f"{prefix}{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
 
 
-SUMMARIES: dict[str, Callable[[dict], str]] = {
-    "reference_stats": lambda m: f"{m['counts']['images']} images, stats sha256 {m['stats_sha256'][:12]}",
-    "reconstruction_metrics": lambda m: _numbers(m["metrics"]),
-    "generation_metrics": lambda m: "; ".join(f"{g}: {_numbers(m['metrics'][g])}" for g in GUIDANCE)
-    + f"; {m['metrics']['reference_images']} reference images",
+SUMMARIES: dict[str, Callable[[Any], str]] = {
+    "reference_stats": lambda m: f"{m.counts.images} images, stats sha256 {m.stats_sha256[:12]}",
+    "reconstruction_metrics": lambda m: _numbers(m.metrics),
+    "generation_metrics": lambda m: "; ".join(f"{g}: {_numbers(m.metrics[g])}" for g in GUIDANCE)
+    + f"; {m.metrics['reference_images']} reference images",
     "linear_probe": lambda m: ", ".join(
-        f"top-1 {k} {v['top1']:.3f}" for k, v in m["metrics"].items() if isinstance(v, dict)
+        f"top-1 {k} {v['top1']:.3f}" for k, v in m.metrics.items() if isinstance(v, dict)
     )
-    + f" ({m['metrics']['train_rows']} train_rows)",
+    + f" ({m.metrics['train_rows']} train_rows)",
 }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from modeling.ar_trainer import model_config
 from modeling.config import key_dict, to_dict
+from pipelines.manifests import Manifest, parse
 from pipelines.profiles import SPLITS, DataConfig, Profile
 from pipelines.store import Artifact, StepResult, Store, cache_key
 
@@ -119,27 +120,27 @@ class Target:
     def manifest(self) -> dict[str, Any] | None:
         return self.artifact.manifest()
 
-    def require(self) -> dict[str, Any]:
-        """The committed manifest of this input, or a `MissingInput` naming what to materialise."""
+    def require(self) -> Manifest:
+        """The typed manifest of this input, or a `MissingInput` naming what to materialise."""
         manifest = self.artifact.manifest()
         if manifest is None:
             raise MissingInput(
                 f"{self.label} is not materialised in {self.artifact.store.url} (cache key {self.key}): "
                 f"materialise {self.label} first"
             )
-        return manifest
+        return parse(manifest)
 
 
 def cached_or_run(target: Target, work: Callable[[], dict[str, Any]], on_log: Callable[[str], None]) -> StepResult:
     """The skeleton of every step: return the stored artefact if its manifest exists, else run `work`
-    (which writes the files and commits the manifest, returning it)."""
+    (which writes the files and commits the manifest, returning it); the manifest comes back typed."""
     start = time.perf_counter()
     manifest = target.manifest()
     if manifest is not None:
         on_log(f"{target.label} already materialised at {target.artifact.uri}")
-        return StepResult(target.artifact, manifest, True, time.perf_counter() - start)
+        return StepResult(target.artifact, parse(manifest), True, time.perf_counter() - start)
     manifest = work()
-    return StepResult(target.artifact, manifest, False, time.perf_counter() - start)
+    return StepResult(target.artifact, parse(manifest), False, time.perf_counter() - start)
 
 
 def _target(store: Store, asset: str, partition: str | None, config: dict, inputs: dict[str, str]) -> Target:

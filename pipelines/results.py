@@ -38,9 +38,9 @@ def _generation_columns(ev: str) -> list[tuple[str, str, str]]:
 def _row(plan: Plan, variant: str) -> dict[str, Any]:
     """One variant's row, read from the manifests of its tokenizer, AR model and metric artefacts."""
     tok, ar = plan.tokenizer(variant).require(), plan.ar(variant).require()
-    rec = plan.reconstruction(variant).require()["metrics"]
-    gen = plan.generation(variant).require()["metrics"]
-    probe = plan.probe(variant).require()["metrics"]
+    rec = plan.reconstruction(variant).require().metrics
+    gen = plan.generation(variant).require().metrics
+    probe = plan.probe(variant).require().metrics
     ev = plan.profile.evaluation.evaluator
     probe_on = "prologue" if "prologue" in probe else "first_visual"
     spread = {}  # sample std over sampling runs, when there are several
@@ -69,10 +69,10 @@ def _row(plan: Plan, variant: str) -> dict[str, Any]:
         "probe_on": probe_on,
         "probe_tokens": plan.profile.tokenizer_for(variant).z_len or plan.profile.tokenizer.z_len,
         "probe_all_visual_top1": probe["all_visual"]["top1"],
-        "tokenizer_steps": tok["counts"]["steps"],
-        "ar_parameters": ar["counts"]["parameters"],
-        "ar_steps": ar["counts"]["steps"],
-        "ar_val_ce_visual": ar["metrics"]["val_ce_visual"],
+        "tokenizer_steps": tok.counts.steps,
+        "ar_parameters": ar.counts.parameters,
+        "ar_steps": ar.counts.steps,
+        "ar_val_ce_visual": ar.metrics["val_ce_visual"],
         "samples_per_guidance": int(gen["cfg"]["samples"]),
         "reference_images": gen["reference_images"],
         "reference_sha256": gen["reference_sha256"][:12],
@@ -158,7 +158,7 @@ def _write(plan: Plan, target: Target, rows: list[dict[str, Any]]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from pipelines.runner import step_main
 
-    return step_main(__doc__, argv, ASSET, partitioned=False, summary=lambda m: f"{len(m['rows'])} rows")
+    return step_main(__doc__, argv, ASSET, partitioned=False, summary=lambda m: f"{len(m.rows)} rows")
 
 
 if __name__ == "__main__":

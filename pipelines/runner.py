@@ -76,7 +76,7 @@ def step_main(
     asset: str,
     *,
     partitioned: bool = True,
-    summary: Callable[[dict[str, Any]], str] = lambda m: "",
+    summary: Callable[[Any], str] = lambda m: "",
 ) -> int:
     """The command line of one step: the step for the chosen partitions, and its missing upstream."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

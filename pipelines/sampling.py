@@ -26,7 +26,6 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 import torch
 
@@ -35,6 +34,7 @@ from modeling.sampler import SamplerConfig
 from pipelines.images import grid_png
 from pipelines.launch import launch_worker
 from pipelines.loaders import load_ar, load_tokenizer
+from pipelines.manifests import SamplesManifest
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.profiles import Profile
 from pipelines.runner import step_main
@@ -73,7 +73,7 @@ def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
     ar, tok = plan.ar(variant), plan.tokenizer(variant)
     ar.require()
     tok_manifest = tok.require()
-    classes = plan.tokens(variant).require()["classes"]
+    classes = plan.tokens(variant).require().classes
     ev, artifact = plan.profile.evaluation, target.artifact
     sampler = from_dict(SamplerConfig, target.config["sampler"])
     spec = {**target.config, "inputs": target.inputs, "num_classes": len(classes), "batch_size": sampler.batch_size}
@@ -109,7 +109,7 @@ def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
             "samples": {g: sum(c.values()) for g, c in counts.items()},
             "unique_seeds": {g: len(v) for g, v in seeds.items()},
         },
-        image={"size": tok_manifest["config"]["model"]["image_size"], "format": "png"},
+        image={"size": tok_manifest.config["model"]["image_size"], "format": "png"},
         seed_rule="blake2b-8(f'{sampler.seed}/{class}/{index}') >> 1 (modeling.sampler.sample_seed)",
     )
 
@@ -157,14 +157,14 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return step_main(__doc__, argv, ASSET, summary=lambda m: f"{m['counts']['samples']} samples")
+    return step_main(__doc__, argv, ASSET, summary=lambda m: f"{m.counts['samples']} samples")
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-def protocol_problems(artifact: Artifact, manifest: dict[str, Any], profile: Profile) -> list[str]:
+def protocol_problems(artifact: Artifact, manifest: SamplesManifest, profile: Profile) -> list[str]:
     """What differs from the profile's sampling protocol (empty: the sample set is as specified):
     sample count and per-class balance per guidance, unique seeds, image size and format."""
     import io
@@ -174,13 +174,13 @@ def protocol_problems(artifact: Artifact, manifest: dict[str, Any], profile: Pro
     problems = []
     per_class = profile.evaluation.samples_per_class
     for g in GUIDANCE:
-        for name, n in manifest["counts"]["per_class"][g].items():
+        for name, n in manifest.counts["per_class"][g].items():
             if n != per_class:
                 problems.append(f"{g}: class {name!r} has {n} samples, the protocol says {per_class}")
-        unique, total = manifest["counts"]["unique_seeds"][g], manifest["counts"]["samples"][g]
+        unique, total = manifest.counts["unique_seeds"][g], manifest.counts["samples"][g]
         if unique != total:
             problems.append(f"{g}: {unique} unique seeds for {total} samples")
-    img = Image.open(io.BytesIO(_first_png(artifact, manifest["layout"]["cfg"][0])))
+    img = Image.open(io.BytesIO(_first_png(artifact, manifest.layout["cfg"][0])))
     side = profile.data.resolution
     if img.format != "PNG" or img.size != (side, side):
         problems.append(f"samples are {img.format} {img.size[0]}x{img.size[1]}, the protocol says PNG {side}x{side}")

@@ -260,9 +260,9 @@ class Artifact:
 
 @dataclass
 class StepResult:
-    """What a step returns: its artefact and manifest, whether it was already there, and how long it took."""
+    """What a step returns: its artefact and (typed) manifest, whether it was already there, and how long it took."""
 
     artifact: Artifact
-    manifest: dict[str, Any]
+    manifest: Any  # a pipelines.manifests.Manifest
     cached: bool
     seconds: float

@@ -114,7 +114,7 @@ def _export(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
     shards = {s: plan.shards(s) for s in SPLITS}
     shard_manifests = {s: t.require() for s, t in shards.items()}
     cfg, artifact = plan.profile.tokens, target.artifact
-    sanity, grid = sanity_check(tok.artifact, tok_manifest, shards["val"].artifact, cfg)
+    sanity, grid = sanity_check(tok.artifact, tok_manifest.metrics["psnr_db"], shards["val"].artifact, cfg)
     on_log(
         f"sanity check: stored codes decode to the tokenizer's reconstructions; PSNR {sanity['psnr_db']:.2f} dB "
         f"on {sanity['images']} val images (tokenizer: {sanity['tokenizer_psnr_db']:.2f} dB)"
@@ -127,7 +127,7 @@ def _export(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
     }
     launch_worker("export", plan.store, artifact.key, cfg.processes, progress, on_log)
     parts = artifact.parts()
-    todo = tasks(shard_manifests)
+    todo = tasks({s: m.shards for s, m in shard_manifests.items()})
     missing = [name for name, _, _ in todo if name not in parts]
     if missing:
         raise RuntimeError(f"{artifact.uri}: the export subprocess exited without {', '.join(missing)}")
@@ -157,18 +157,18 @@ def _export(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
         layout=layout,
         views=VIEWS[cfg.augment],
         codes=codes,
-        classes=shard_manifests["train"]["classes"],
+        classes=shard_manifests["train"].classes,
         sanity=sanity,
     )
 
 
-def tasks(shard_manifests: dict[str, dict]) -> list[tuple[str, str, str]]:
+def tasks(shards: dict[str, list[str]]) -> list[tuple[str, str, str]]:
     """(part name, split, image shard path) for every image shard of both splits."""
-    return [(shard_name(s, i), s, rel) for s in SPLITS for i, rel in enumerate(shard_manifests[s]["shards"])]
+    return [(shard_name(s, i), s, rel) for s in SPLITS for i, rel in enumerate(shards[s])]
 
 
 @torch.no_grad()
-def sanity_check(tok_artifact: Artifact, tok_manifest: dict, val: Artifact, cfg: TokenExportConfig):
+def sanity_check(tok_artifact: Artifact, recorded: float, val: Artifact, cfg: TokenExportConfig):
     """Decode the uint16 codes of the first val images; they must equal the tokenizer's reconstruction
     bit for bit and their PSNR must be within tolerance of the tokenizer's recorded val PSNR."""
     from modeling.tokenizer_eval import psnr
@@ -193,7 +193,7 @@ def sanity_check(tok_artifact: Artifact, tok_manifest: dict, val: Artifact, cfg:
             grid = [images[:8], ((decoded[:8].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()]
         if sum(len(p) for p in psnrs) >= cfg.sanity_images:
             break
-    measured, recorded = float(torch.cat(psnrs).mean()), tok_manifest["metrics"]["psnr_db"]
+    measured = float(torch.cat(psnrs).mean())
     if abs(measured - recorded) > cfg.sanity_tolerance_db:
         raise SanityCheckFailed(
             f"PSNR of decoded codes {measured:.2f} dB on {sum(map(len, psnrs))} val images differs from the "
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         ASSET,
         summary=lambda m: (
-            f"{m['counts']['rows']['train']} train / {m['counts']['rows']['val']} val rows, "
-            f"bytes per token {m['counts']['bytes_per_token']}"
+            f"{m.counts['rows']['train']} train / {m.counts['rows']['val']} val rows, "
+            f"bytes per token {m.counts['bytes_per_token']}"
         ),
     )
 

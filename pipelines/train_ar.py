@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         ASSET,
         summary=lambda m: (
-            f"final train loss {m['metrics']['final']['loss']:.4f}, val ce_visual {m['metrics']['val_ce_visual']:.4f}"
+            f"final train loss {m.metrics['final']['loss']:.4f}, val ce_visual {m.metrics['val_ce_visual']:.4f}"
         ),
     )
 

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         ASSET,
         summary=lambda m: (
-            f"val PSNR {m['metrics']['psnr_db']:.2f} dB, visual codes used "
-            f"{m['metrics']['visual_codes']['fraction_used']:.1%}"
+            f"val PSNR {m.metrics['psnr_db']:.2f} dB, visual codes used "
+            f"{m.metrics['visual_codes']['fraction_used']:.1%}"
         ),
     )
 

@@ -31,8 +31,8 @@ def _seeded(tiny_graph, store: Store, overrides: list[str] | None = None):
 def test_tiny_training_learns(store, tiny_graph):
     plan = _seeded(tiny_graph, store)
     r = train_ar(plan, "prologue", progress=False)
-    m, codes = r.manifest["metrics"], r.manifest["config"]["model"]
-    assert r.manifest["counts"]["steps"] == 40 and m["ranks"] == 1
+    m, codes = r.manifest.metrics, r.manifest.config["model"]
+    assert r.manifest.counts.steps == 40 and m["ranks"] == 1
     # the conditional val CE of the EMA weights is far below the uniform distribution's log(codebook)
     assert m["val_ce_visual"] < 0.6 * math.log(codes["visual_codebook"])
     assert m["val_ce_prologue"] < 0.6 * math.log(codes["prologue_codebook"] + 1)
@@ -41,13 +41,13 @@ def test_tiny_training_learns(store, tiny_graph):
     assert r.artifact.verify(checksums=True) == []
     assert m["val_sequences"] == 128
     model = load_ar(r.artifact)
-    assert model.num_params() == r.manifest["counts"]["parameters"]
+    assert model.num_params() == r.manifest.counts.parameters
     again = train_ar(plan, "prologue", progress=False)
     assert again.cached and again.artifact.key == r.artifact.key
     # the same weights as the whole-graph run trained (through Dagster Pipes): one machine, one config
     shared = json.loads((tiny_graph.root / "ar_model" / r.artifact.key / "_manifest.json").read_text())
     for rel in ("model/ar.safetensors", "model/ar_ema.safetensors"):
-        assert r.manifest["files"][rel]["sha256"] == shared["files"][rel]["sha256"], rel
+        assert r.manifest.files[rel].sha256 == shared["files"][rel]["sha256"], rel
 
 
 def _history(artifact) -> list[dict]:
@@ -59,15 +59,15 @@ def _history(artifact) -> list[dict]:
 def test_baseline_variant_has_no_prologue_segment(tmp_path, tiny_graph):
     plan = _seeded(tiny_graph, Store(str(tmp_path)), ["ar_train.steps=10"])
     r = train_ar(plan, "baseline", progress=False)
-    assert r.manifest["config"]["model"]["z_len"] == 0
-    assert "val_ce_prologue" not in r.manifest["metrics"] and r.manifest["metrics"]["val_ce_visual"] > 0
+    assert r.manifest.config["model"]["z_len"] == 0
+    assert "val_ce_prologue" not in r.manifest.metrics and r.manifest.metrics["val_ce_visual"] > 0
 
 
 def test_two_processes_keep_ranks_identical(tmp_path, tiny_graph):
     store = Store(str(tmp_path))
     plan = _seeded(tiny_graph, store, ["ar_train.processes=2", "ar_train.steps=10", "ar_train.checkpoint_every=5"])
     r = train_ar(plan, "prologue", progress=False)
-    assert r.manifest["metrics"]["ranks"] == 2 and r.manifest["metrics"]["ranks_in_sync"] is True
+    assert r.manifest.metrics["ranks"] == 2 and r.manifest.metrics["ranks_in_sync"] is True
     # each rank streams its own half of the data: the 2-process run is a different (bigger) batch
     one = train_ar(tiny_plan(store, ["ar_train.steps=10"]), "prologue", progress=False)
     assert one.artifact.key != r.artifact.key

@@ -139,14 +139,14 @@ def test_any_sample_regenerates_alone(full_run):
     store, profile = Store(str(root)), load_profile("tiny")
     [r] = generate_samples(tiny_plan(store), "prologue", progress=False)
     assert r.cached
-    rel = r.manifest["layout"]["nocfg"][3]
+    rel = r.manifest.layout["nocfg"][3]
     with open(r.artifact.file_path(rel), "rb") as f:
         stored = list(group_by_keys(tar_file_expander([{"url": rel, "stream": f}])))
     import json
 
     meta = json.loads(stored[2]["json"])
-    model = load_ar(store.artifact("ar_model", r.manifest["lineage"]["ar_model"]))
-    tokenizer = load_tokenizer(store.artifact("tokenizer", r.manifest["lineage"]["tokenizer"]))
+    model = load_ar(store.artifact("ar_model", r.manifest.lineage["ar_model"]))
+    tokenizer = load_tokenizer(store.artifact("tokenizer", r.manifest.lineage["tokenizer"]))
     codes = sample(model, torch.tensor([meta["class"]]), torch.tensor([meta["seed"]]), guided(profile.sampler, "nocfg"))
     assert codes["prologue"][0].tolist() == meta["prologue"]
     with torch.no_grad():
@@ -160,16 +160,16 @@ def test_interrupted_sampling_redoes_only_the_missing_shard(full_run, tmp_path):
     plan = tiny_plan(Store(str(tmp_path / "copy")))
     [r] = generate_samples(plan, "baseline", progress=False)
     art = r.artifact
-    mtimes = {rel: os.path.getmtime(art.file_path(rel)) for rel in r.manifest["files"] if rel.endswith(".tar")}
+    mtimes = {rel: os.path.getmtime(art.file_path(rel)) for rel in r.manifest.files if rel.endswith(".tar")}
     os.remove(art.file_path("_manifest.json"))  # as if killed after all but one shard
     os.remove(art.file_path("_parts/cfg-c0003-001.json"))
     [again] = generate_samples(plan, "baseline", progress=False)
     assert not again.cached
     changed = {rel for rel, t in mtimes.items() if os.path.getmtime(art.file_path(rel)) != t}
     assert changed == {"samples/cfg-c0003-001.tar"}
-    data = {k: v for k, v in r.manifest["files"].items() if k.endswith(".tar")}
-    assert all(again.manifest["files"][k] == v for k, v in data.items())  # deterministic: same bytes
-    assert again.manifest["counts"]["unique_seeds"] == {"cfg": 120, "nocfg": 120}
+    data = {k: v for k, v in r.manifest.files.items() if k.endswith(".tar")}
+    assert all(again.manifest.files[k] == v for k, v in data.items())  # deterministic: same bytes
+    assert again.manifest.counts["unique_seeds"] == {"cfg": 120, "nocfg": 120}
 
 
 def test_protocol_guards_name_what_differs(full_run):
@@ -177,17 +177,12 @@ def test_protocol_guards_name_what_differs(full_run):
     store, profile = Store(str(root)), load_profile("tiny")
     [r] = generate_samples(tiny_plan(store), "prologue", progress=False)
     assert protocol_problems(r.artifact, r.manifest, profile) == []
-    bad = {
-        **r.manifest,
-        "counts": {
-            **r.manifest["counts"],
-            "unique_seeds": {"cfg": 119, "nocfg": 120},
-            "per_class": {
-                **r.manifest["counts"]["per_class"],
-                "cfg": {**r.manifest["counts"]["per_class"]["cfg"], "Bag": 11},
-            },
-        },
-    }
+    counts = r.manifest.counts
+    bad = replace(r.manifest, counts={
+        **counts,
+        "unique_seeds": {"cfg": 119, "nocfg": 120},
+        "per_class": {**counts["per_class"], "cfg": {**counts["per_class"]["cfg"], "Bag": 11}},
+    })  # fmt: skip
     problems = protocol_problems(r.artifact, bad, profile)
     assert any("'Bag' has 11 samples" in p for p in problems) and any("119 unique seeds" in p for p in problems)
     bigger = replace(profile, data=replace(profile.data, resolution=48),
@@ -206,15 +201,15 @@ def test_inception_metrics_only_with_a_configured_weights_file(tiny_copy, tmp_pa
     for e in small.evaluators:
         reference_stats(small, e)
     plain = reconstruction_metrics(small, "prologue")
-    assert "rfd_effnetlite0" in plain.manifest["metrics"]
-    assert not any("inception" in k for k in plain.manifest["metrics"])
+    assert "rfd_effnetlite0" in plain.manifest.metrics
+    assert not any("inception" in k for k in plain.manifest.metrics)
     plan = tiny_plan(tiny_copy, ["evaluation.reference_images=32", f"evaluation.inception_weights={weights}"])
     with pytest.raises(MissingInput, match=r"reference_stats\[inception\]"):  # an input like any other
         reconstruction_metrics(plan, "prologue")
     [r] = run_missing(plan, "reconstruction_metrics", ["prologue"], on_log=lambda _: None).values()
-    m = r.manifest["metrics"]
+    m = r.manifest.metrics
     assert m["rfid_inception"] > 0 and "recon_is_inception_mean" in m and m["images"] == 32
-    assert m["rfd_effnetlite0"] == plain.manifest["metrics"]["rfd_effnetlite0"]  # same reference, same number
+    assert m["rfd_effnetlite0"] == plain.manifest.metrics["rfd_effnetlite0"]  # same reference, same number
     assert set(m["references"]) == {"effnetlite0", "inception"}
 
 
@@ -231,8 +226,8 @@ def test_sampling_runs_report_mean_and_spread(tiny_copy):
     built = run_missing(two, "generation_metrics", ["baseline"], on_log=lambda _: None, progress=False)
     r = generation_metrics(two, "baseline")
     assert first.cached and not built["baseline"].cached and r.cached and r.artifact.key != first.artifact.key
-    m = r.manifest["metrics"]
-    assert m["seeds"] == [seed, seed + 1] and m["cfg"] == first.manifest["metrics"]["cfg"]
+    m = r.manifest.metrics
+    assert m["seeds"] == [seed, seed + 1] and m["cfg"] == first.manifest.metrics["cfg"]
     a, b = (m["per_seed"][str(s)]["nocfg"]["fd_effnetlite0"] for s in m["seeds"])
     assert a != b  # another seed, another sample set
     spread = m["over_seeds"]["nocfg"]["fd_effnetlite0"]

@@ -206,3 +206,21 @@ def test_configs_cannot_be_made_invalid_by_replace():
         replace(profile.data, shard_size=0)
     with pytest.raises(ConfigError, match=r"tokenizer\.image_size"):
         replace(profile, data=replace(profile.data, resolution=64))
+
+
+def test_every_stored_manifest_parses_into_its_typed_class(tiny_graph):
+    from pipelines.manifests import MANIFESTS, ARManifest, TokensManifest, parse
+
+    paths = sorted(tiny_graph.root.glob("*/*/_manifest.json"))
+    parsed = [parse(json.loads(p.read_text())) for p in paths]
+    assert {m.asset for m in parsed} == set(MANIFESTS) and len(parsed) == 2 + 1 + 7 * 2 + 1
+    tokens = next(m for m in parsed if isinstance(m, TokensManifest) and m.codes.z_len)
+    assert tokens.codes.num_visual == 16 and tokens.files["sanity.png"].size > 0
+    ar = next(m for m in parsed if isinstance(m, ARManifest))
+    assert ar.counts.steps == 40 and ar.counts.parameters > 0
+    raw = json.loads(paths[0].read_text())
+    with pytest.raises(ValueError, match="unknown field 'surprise'"):
+        parse({**raw, "surprise": 1})
+    del raw["lineage"]
+    with pytest.raises(ValueError, match="lineage"):
+        parse(raw)

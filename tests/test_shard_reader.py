@@ -28,8 +28,8 @@ def test_loader_batches_with_workers(val_shards):
     assert images.shape == (128, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.shape == (128,) and 0 <= labels.min() and labels.max() <= 9
     # same multiset of labels as the manifest's per-class counts
-    per_class = val_shards.manifest["counts"]["per_class"]
-    classes = val_shards.manifest["classes"]
+    per_class = val_shards.manifest.counts.per_class
+    classes = val_shards.manifest.classes
     assert {classes[i]: int(c) for i, c in enumerate(torch.bincount(labels, minlength=10)) if c} == per_class
 
 
@@ -56,7 +56,7 @@ def test_shuffle_is_seeded_and_complete(val_shards):
 
 def test_truncated_shard_is_detected(val_shards):
     art = val_shards.artifact
-    rel = val_shards.manifest["shards"][1]
+    rel = val_shards.manifest.shards[1]
     data = art.read_bytes(rel)
     art.fs.pipe_file(art.file_path(rel), data[: len(data) // 2])
     with pytest.raises(TruncatedShard, match=r"the manifest records"):

@@ -45,9 +45,9 @@ def test_tiny_shards_round_trip_byte_exact(store, fashion_mnist):
     result = shard(profile, "train", store)
     m = result.manifest
     assert not result.cached
-    assert m["counts"]["samples"] == 512 and m["counts"]["corrupt"] == 0
-    assert m["counts"]["shards"] == 4 and len(m["shards"]) == 4
-    assert sum(m["counts"]["per_class"].values()) == 512
+    assert m.counts.samples == 512 and m.counts.corrupt == 0
+    assert m.counts.shards == 4 and len(m.shards) == 4
+    assert sum(m.counts.per_class.values()) == 512
     assert result.artifact.verify(checksums=True) == []
 
     samples = list(image_dataset(result.artifact, decode=False))
@@ -89,7 +89,7 @@ def test_shard_assignment_is_independent_of_worker_count(tmp_path, fashion_mnist
                         Store(str(tmp_path / "c")))
     # workers do not enter the cache key, and the bytes are identical
     assert three.artifact.key == two.artifact.key
-    assert three.manifest["files"] == two.manifest["files"]
+    assert three.manifest.files == two.manifest.files
 
 
 def test_corrupt_images_are_counted_and_skipped(store, photo_folder):
@@ -98,10 +98,10 @@ def test_corrupt_images_are_counted_and_skipped(store, photo_folder):
                                              "resize": "center_crop", "resolution": 48, "shard_size": 8},
                                     "tokenizer": {"image_size": 48}})
     result = shard(profile, "val", store)
-    counts = result.manifest["counts"]
-    assert counts["source_items"] == n + 1
-    assert counts["corrupt"] == 1 and counts["samples"] == n
-    assert result.manifest["corrupt_keys"] == ["n00000001_broken"]
+    counts = result.manifest.counts
+    assert counts.source_items == n + 1
+    assert counts.corrupt == 1 and counts.samples == n
+    assert result.manifest.corrupt_keys == ["n00000001_broken"]
     samples = list(image_dataset(result.artifact))
     assert len(samples) == n
     assert all(img.shape == (3, 48, 48) for img, _ in samples)
@@ -147,7 +147,7 @@ def test_killed_sharder_resumes_to_the_same_result(tmp_path, fashion_mnist):
 def test_full_fashion_mnist_counts(tmp_path, fashion_mnist, split, expected):
     """The fashion32 acceptance numbers, on the real data set (about 20 s for both splits)."""
     result = shard(load_profile("fashion32"), split, Store(str(tmp_path)))
-    c = result.manifest["counts"]
-    assert c["samples"] == expected and c["corrupt"] == 0 and c["source_items"] == expected
-    assert sum(c["per_class"].values()) == expected and len(c["per_class"]) == 10
-    assert c["shards"] == -(-expected // 5000)
+    c = result.manifest.counts
+    assert c.samples == expected and c.corrupt == 0 and c.source_items == expected
+    assert sum(c.per_class.values()) == expected and len(c.per_class) == 10
+    assert c.shards == -(-expected // 5000)

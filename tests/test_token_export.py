@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipelines.loaders import load_tokenizer
+from pipelines.manifests import Codes
 from pipelines.shard_reader import TruncatedShard, image_dataset
 from pipelines.store import Store
 from pipelines.token_export import VIEWS, SanityCheckFailed, export_tokens, sanity_check, views
@@ -53,15 +54,15 @@ def test_manifest_counts_and_formats(exported):
     _, profile, results = exported
     for variant, r in results.items():
         m = r.manifest
-        assert m["counts"]["rows"] == {"train": 512 * 2, "val": 128}  # tiny: flip -> 2 views per train image
-        assert m["counts"]["images"] == {"train": 512, "val": 128}
+        assert m.counts["rows"] == {"train": 512 * 2, "val": 128}  # tiny: flip -> 2 views per train image
+        assert m.counts["images"] == {"train": 512, "val": 128}
         z = profile.tokenizer_for(variant).z_len
-        assert m["codes"] == {"z_len": z, "num_visual": 16, "visual_codebook": 64, "prologue_codebook": 16 if z else 0}
-        assert m["views"] == VIEWS["flip"]
-        assert m["lineage"]["tokenizer"] and m["sanity"]["images"] == 128
+        assert m.codes == Codes(z_len=z, num_visual=16, visual_codebook=64, prologue_codebook=16 if z else 0)
+        assert m.views == VIEWS["flip"]
+        assert m.lineage["tokenizer"] and m.sanity["images"] == 128
         assert r.artifact.verify(checksums=True) == []
         # each tiny image shard (128 images) gives 4 row groups of 64 rows (train) or 2 (val)
-        assert [f["units"] for f in m["layout"]["parquet"]["val"]] == [[64, 64]]
+        assert [f["units"] for f in m.layout["parquet"]["val"]] == [[64, 64]]
 
 
 def test_parquet_and_webdataset_hold_identical_rows(exported):
@@ -70,17 +71,17 @@ def test_parquet_and_webdataset_hold_identical_rows(exported):
         for split in ("train", "val"):
             p, w = _all_rows(r.artifact, "parquet", split), _all_rows(r.artifact, "wds", split)
             assert all(torch.equal(a, b) for a, b in zip(p, w, strict=True))
-            assert len(p[0]) == r.manifest["counts"]["rows"][split]
+            assert len(p[0]) == r.manifest.counts["rows"][split]
 
 
 def test_rows_are_the_tokenizer_codes_and_decode_to_its_reconstruction(exported):
     store, _, results = exported
     r = results["prologue"]
-    tok_art = store.artifact("tokenizer", r.manifest["lineage"]["tokenizer"])
+    tok_art = store.artifact("tokenizer", r.manifest.lineage["tokenizer"])
     tokenizer = load_tokenizer(tok_art)
     rows = _parquet_rows(r.artifact)
-    val = store.artifact("image_shards", r.manifest["lineage"]["image_shards/val"])
-    train = store.artifact("image_shards", r.manifest["lineage"]["image_shards/train"])
+    val = store.artifact("image_shards", r.manifest.lineage["image_shards/val"])
+    train = store.artifact("image_shards", r.manifest.lineage["image_shards/train"])
     for shards, augs in ((val, (0,)), (train, (0, 1))):
         samples = list(islice(image_dataset(shards, rank=0, world_size=1, decode=False), 24))
         keys = [s["__key__"] for s in samples]
@@ -213,12 +214,12 @@ def test_rerun_is_cached_and_a_lost_part_is_redone(exported_copy):
     assert again.cached and again.artifact.key == r.artifact.key
     # an interrupted export: no manifest, one shard's part missing -> only that shard is redone
     art = r.artifact
-    mtimes = {rel: os.path.getmtime(art.file_path(rel)) for rel in r.manifest["files"] if rel.endswith(".parquet")}
+    mtimes = {rel: os.path.getmtime(art.file_path(rel)) for rel in r.manifest.files if rel.endswith(".parquet")}
     os.remove(art.file_path("_manifest.json"))
     os.remove(art.file_path("_parts/train-000001.json"))
     resumed = export_tokens(plan, "baseline", progress=False)
     assert not resumed.cached
-    assert resumed.manifest["files"] == r.manifest["files"]  # byte-identical content
+    assert resumed.manifest.files == r.manifest.files  # byte-identical content
     changed = {rel for rel, t in mtimes.items() if os.path.getmtime(art.file_path(rel)) != t}
     assert changed == {"parquet/train-000001.parquet"}
 
@@ -226,15 +227,15 @@ def test_rerun_is_cached_and_a_lost_part_is_redone(exported_copy):
 def test_sanity_check_stops_on_a_psnr_mismatch(exported):
     store, profile, results = exported
     m = results["prologue"].manifest
-    tok = store.artifact("tokenizer", m["lineage"]["tokenizer"])
-    val = store.artifact("image_shards", m["lineage"]["image_shards/val"])
+    tok = store.artifact("tokenizer", m.lineage["tokenizer"])
+    val = store.artifact("image_shards", m.lineage["image_shards/val"])
     tok_manifest = tok.manifest()
-    result, grid = sanity_check(tok, tok_manifest, val, profile.tokens)
-    assert abs(result["psnr_db"] - tok_manifest["metrics"]["psnr_db"]) < 1e-3  # tiny: the same 128 images
+    recorded = tok_manifest["metrics"]["psnr_db"]
+    result, grid = sanity_check(tok, recorded, val, profile.tokens)
+    assert abs(result["psnr_db"] - recorded) < 1e-3  # tiny: the same 128 images
     assert grid.shape == (16, 3, 32, 32)
-    wrong = {**tok_manifest, "metrics": {**tok_manifest["metrics"], "psnr_db": tok_manifest["metrics"]["psnr_db"] + 3}}
     with pytest.raises(SanityCheckFailed, match="sanity_tolerance_db"):
-        sanity_check(tok, wrong, val, profile.tokens)
+        sanity_check(tok, recorded + 3, val, profile.tokens)
 
 
 def test_export_and_read_on_s3(s3_endpoint, tiny_graph):
@@ -261,5 +262,5 @@ def test_two_encoding_processes_write_the_same_files(exported, tmp_path):
         shutil.copytree(f"{store.root}/{asset}", f"{other.root}/{asset}")
     two = export_tokens(tiny_plan(other, ["tokens.processes=2"]), "prologue", progress=False)
     assert not two.cached and two.artifact.key == r.artifact.key  # parallelism is not part of the key
-    data = {rel: rec for rel, rec in r.manifest["files"].items() if rel.startswith(("parquet/", "wds/"))}
-    assert len(data) == 10 and all(two.manifest["files"][rel] == rec for rel, rec in data.items())  # same bytes
+    data = {rel: rec for rel, rec in r.manifest.files.items() if rel.startswith(("parquet/", "wds/"))}
+    assert len(data) == 10 and all(two.manifest.files[rel] == rec for rel, rec in data.items())  # same bytes

@@ -79,13 +79,13 @@ def test_training_learns_and_writes_outputs(tmp_path, tiny_graph):
     assert [h["step"] for h in history] == list(range(5, 61, 5))
     assert history[-1]["l1"] < 0.6 * history[0]["l1"]  # reconstruction learns
     assert history[-1]["prior_ce_visual"] < history[0]["prior_ce_visual"]  # so does the joint prior
-    metrics = m["metrics"]
+    metrics = m.metrics
     assert metrics["images"] == 128 and metrics["psnr_db"] > 10
     assert 0 < metrics["visual_codes"]["fraction_used"] <= 1
     assert len(metrics["prologue_codes"]["used_per_position"]) == 2
     for rel in ("model/tokenizer.safetensors", "model/prior.safetensors", "reconstructions.png",
                 "loss_curves.png", "metrics.json", "spec.json"):
-        assert rel in m["files"], rel
+        assert rel in m.files, rel
     assert result.artifact.verify(checksums=True) == []
     ema = load_tensors(result.artifact, "model/tokenizer.safetensors")
     assert not any("prior" in k for k in ema) and any("prologue_quantizer" in k for k in ema)
@@ -135,9 +135,9 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, tiny_graph):
     plan = tiny_plan(store, ["tokenizer_train.processes=2", "tokenizer_train.steps=12", "tokenizer_train.gan_start=6"])
     lines: list[str] = []
     result = train_tokenizer(plan, "prologue", progress=False, on_log=lines.append)
-    metrics = result.manifest["metrics"]
+    metrics = result.manifest.metrics
     assert metrics["ranks"] == 2 and metrics["ranks_in_sync"] is True
-    assert result.manifest["counts"]["steps"] == 12
+    assert result.manifest.counts.steps == 12
 
 
 def test_tokenizer_asset_both_variants_in_one_run(tmp_path, tiny_graph):
@@ -206,14 +206,14 @@ def test_prologue_post_trains_only_the_prologue_path(tmp_path, tiny_graph):
     plan = tiny_plan(store, ["variants=baseline,prologue_post"])
     post = train_tokenizer(plan, "prologue_post", progress=False)
     base = train_tokenizer(plan, "baseline", progress=False)
-    assert base.cached and post.manifest["lineage"]["tokenizer/baseline"] == base.artifact.key
+    assert base.cached and post.manifest.lineage["tokenizer/baseline"] == base.artifact.key
     base_w = load(base.artifact.read_bytes("model/tokenizer.safetensors"))
     post_w = load(post.artifact.read_bytes("model/tokenizer.safetensors"))
     for name, tensor in base_w.items():  # the whole 2D tokenizer is unchanged, bit for bit
         assert torch.equal(post_w[name], tensor), name
     new = set(post_w) - set(base_w)
     assert new and all(k.startswith(("encoder.queries", "prologue_quantizer.")) for k in new)
-    m_base, m_post = base.manifest["metrics"], post.manifest["metrics"]
+    m_base, m_post = base.manifest.metrics, post.manifest.metrics
     assert m_post["psnr_db"] == pytest.approx(m_base["psnr_db"], abs=1e-4)  # same visual codes, same decoder
     assert m_post["prologue_codes"]["fraction_used"] > 0
     history = [json.loads(line) for line in post.artifact.read_bytes("history.jsonl").decode().splitlines()]

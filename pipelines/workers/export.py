@@ -41,7 +41,7 @@ def run(store: Store, key: str, progress: bool) -> None:
     shards = {s: store.artifact("image_shards", k) for s, k in spec["shards"].items()}
     manifests = {s: a.manifest() for s, a in shards.items()}
     done = artifact.parts()
-    mine = [t for t in tasks(manifests)[rank::world] if t[0] not in done]
+    mine = [t for t in tasks({s: m["shards"] for s, m in manifests.items()})[rank::world] if t[0] not in done]
     total = sum(_shard_images(manifests[s], rel) for _, s, rel in mine)
     bar = ctx.progress(total, unit="img", enabled=progress)
     for name, split, rel in mine:

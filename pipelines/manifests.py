@@ -1,0 +1,168 @@
+"""Typed manifests: what each asset's `_manifest.json` holds, parsed once into a dataclass.
+
+The JSON on disk is unchanged (stored artefacts keep their manifests and keys); `parse()` checks
+that a manifest has exactly the fields of its asset's class, so a step reading an input gets
+attributes (`tokens.codes.z_len`, `ar.counts.parameters`) instead of string lookups, and a
+manifest of the wrong shape fails where it is read, naming the field. Free-form figures from
+trainers and evaluators (`metrics`) stay mappings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The fields every manifest has."""
+
+    asset: str
+    cache_key: str
+    uri: str
+    created_at: str
+    files: dict[str, FileEntry]
+    config: dict[str, Any]
+    lineage: dict[str, Any]
+    code_version: str
+
+
+@dataclass(frozen=True)
+class ShardCounts:
+    samples: int
+    corrupt: int
+    shards: int
+    source_items: int
+    per_class: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ShardsManifest(Manifest):
+    profile: str
+    shards: list[str]
+    counts: ShardCounts
+    corrupt_keys: list[str]
+    classes: list[str]
+
+
+@dataclass(frozen=True)
+class TrainingCounts:
+    steps: int
+    parameters: int = 0
+
+
+@dataclass(frozen=True)
+class TokenizerManifest(Manifest):
+    profile: str
+    counts: TrainingCounts
+    metrics: dict[str, Any]
+    checkpoints: list[str]
+
+
+@dataclass(frozen=True)
+class Codes:
+    z_len: int
+    num_visual: int
+    visual_codebook: int
+    prologue_codebook: int
+
+
+@dataclass(frozen=True)
+class TokensManifest(Manifest):
+    profile: str
+    counts: dict[str, Any]
+    layout: dict[str, dict[str, list[dict[str, Any]]]]
+    views: list[str]
+    codes: Codes
+    classes: list[str]
+    sanity: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ARManifest(Manifest):
+    profile: str
+    counts: TrainingCounts
+    metrics: dict[str, Any]
+    checkpoints: list[str]
+    deepspeed: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SamplesManifest(Manifest):
+    profile: str
+    layout: dict[str, list[str]]
+    classes: list[str]
+    counts: dict[str, Any]
+    image: dict[str, Any]
+    seed_rule: str
+
+
+@dataclass(frozen=True)
+class ReferenceCounts:
+    images: int
+
+
+@dataclass(frozen=True)
+class ReferenceManifest(Manifest):
+    counts: ReferenceCounts
+    stats_sha256: str
+
+
+@dataclass(frozen=True)
+class MetricsManifest(Manifest):
+    profile: str
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ResultsManifest(Manifest):
+    profile: str
+    rows: list[dict[str, Any]]
+
+
+MANIFESTS: dict[str, type[Manifest]] = {
+    "image_shards": ShardsManifest,
+    "tokenizer": TokenizerManifest,
+    "token_dataset": TokensManifest,
+    "ar_model": ARManifest,
+    "samples": SamplesManifest,
+    "reference_stats": ReferenceManifest,
+    "reconstruction_metrics": MetricsManifest,
+    "generation_metrics": MetricsManifest,
+    "linear_probe": MetricsManifest,
+    "results_table": ResultsManifest,
+}
+
+
+def parse(raw: dict[str, Any]) -> Manifest:
+    """The typed manifest of a raw `_manifest.json` (its `asset` field picks the class)."""
+    return _build(MANIFESTS[raw["asset"]], raw, raw["asset"])
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where} manifest: unknown field {unknown[0]!r}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            value = _build(tp, value, f"{where}.{name}")
+        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            item = typing.get_args(tp)[1]
+            value = {k: _build(item, v, f"{where}.{name}[{k}]") for k, v in value.items()}
+        values[name] = value
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required field is missing
+        raise ValueError(f"{where} manifest: {e}") from None
