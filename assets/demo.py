@@ -23,6 +23,7 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("token_dataset", ("train_rows", "bytes_per_token_parquet", "bytes_per_token_wds", "sanity_psnr_db", "seconds")),
     ("ar_model", ("final_loss", "val_ce_prologue", "val_ce_visual", "steps", "seconds")),
     ("samples", ("samples_cfg", "samples_nocfg", "seconds")),
+    ("reference_stats", ("effnetlite0_images", "effnetlite0_stats_sha256", "effnetlite0_seconds")),
     ("reconstruction_metrics", ("rfd_effnetlite0", "psnr_db", "seconds")),
     ("generation_metrics", ("fd_effnetlite0_cfg", "fd_effnetlite0_nocfg", "seconds")),
     ("linear_probe", ("top1_prologue", "top1_first_visual", "top1_all_visual", "seconds")),

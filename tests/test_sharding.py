@@ -32,9 +32,9 @@ def _idx_labels(path: Path) -> np.ndarray:
         return np.frombuffer(f.read(), np.uint8, offset=8)
 
 
-def _mtimes(store: Store, manifest: dict, art) -> dict:
+def _mtimes(store: Store, manifest, art) -> dict:
     out = {}
-    for rel in manifest["shards"]:
+    for rel in manifest.shards:
         info = store.fs.info(art.file_path(rel))
         out[rel] = info.get("mtime") or info.get("LastModified") or info.get("created")
     return out
