@@ -110,13 +110,13 @@ def image_shards(context: AssetExecutionContext, store: StoreResource, profile: 
         metadata |= {
             f"{split}_uri": MetadataValue.path(art.uri),
             f"{split}_cache_key": art.key,
-            f"{split}_samples": counts["samples"],
-            f"{split}_corrupt_skipped": counts["corrupt"],
-            f"{split}_shards": counts["shards"],
+            f"{split}_samples": counts.samples,
+            f"{split}_corrupt_skipped": counts.corrupt,
+            f"{split}_shards": counts.shards,
             f"{split}_bytes": sum(f.size for f in m.files.values()),
             f"{split}_reused_existing": result.cached,
             f"{split}_seconds": round(result.seconds, 2),
-            f"{split}_per_class": MetadataValue.json(counts["per_class"]),
+            f"{split}_per_class": MetadataValue.json(counts.per_class),
         }
         if "preview.png" in m.files:
             metadata[f"{split}_preview"] = png_markdown(art.read_bytes("preview.png"), f"{split} preview")

@@ -50,10 +50,10 @@ SHORT = ["tokenizer_train.steps=10", "tokenizer_train.gan_start=5", "tokenizer_t
 
 @pytest.fixture
 def watched(tmp_path, fashion_mnist):
-    """A class-folder source (24 train / 8 val images per class) and tiny-profile resources on it."""
+    """A class-folder source (12 train / 4 val images per class) and tiny-profile resources on it."""
     root = tmp_path / "incoming"
-    n_train = _write_pngs(root, fashion_mnist, "train", 24)
-    _write_pngs(root, fashion_mnist, "val", 8)
+    n_train = _write_pngs(root, fashion_mnist, "train", 12)
+    _write_pngs(root, fashion_mnist, "val", 4)
     overrides = [f"data.{s}.{k}" for s in ("train", "val") for k in ("kind=folder", f"url={root}")]
     resources = {
         "store": StoreResource(url=str(tmp_path / "store")),
@@ -76,7 +76,7 @@ def test_new_images_make_exactly_one_run_request_and_that_run_reshards_and_retra
     assert again.run_requests == [] and "unchanged" in again.skip_message
 
     # new images arrive: exactly one run request, keyed by the new listing
-    added = _write_pngs(root, fashion_mnist, "train", 2, skip=24)
+    added = _write_pngs(root, fashion_mnist, "train", 2, skip=12)
     tick = new_images_sensor.evaluate_tick(build_sensor_context(resources=resources, cursor=cursor))
     [request] = tick.run_requests
     assert new_images_sensor.job_name == "retrain" and tick.cursor != cursor

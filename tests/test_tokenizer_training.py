@@ -95,15 +95,15 @@ def test_training_learns_and_writes_outputs(tmp_path, tiny_graph):
 
 def _cli(store_url: str, *extra: str, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pipelines.train_tokenizer", "--profile", "tiny", "--store", store_url,
-           "--variant", "prologue", "--no-progress", "--set", "tokenizer_train.steps=50",
-           "--set", "tokenizer_train.checkpoint_every=10", *extra]
+           "--variant", "prologue", "--no-progress", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def test_killed_training_resumes_to_identical_weights(tmp_path, tiny_graph):
-    for name in ("killed", "clean"):  # the image shards are there: only the tokenizer is trained
-        copy_store(tiny_graph.root, Store(str(tmp_path / name)), ("image_shards",))
+    """The tiny profile's tokenizer (30 steps, GAN from 15, checkpoints every 10), killed after step 20
+    and resumed, ends with the weights of the uninterrupted whole-graph run (same key, same machine)."""
     store_dir = tmp_path / "killed"
+    copy_store(tiny_graph.root, Store(str(store_dir)), ("image_shards",))  # only the tokenizer is trained
     proc = _cli(str(store_dir), start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline and not list(store_dir.glob("tokenizer/*/_parts/ckpt-0000020.json")):
@@ -119,11 +119,7 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, tiny_graph):
     assert resumed.returncode == 0, out
     assert "resumed from checkpoints/step-00000" in out
 
-    clean = _cli(str(tmp_path / "clean"))
-    out_clean = clean.communicate(timeout=300)[0]
-    assert clean.returncode == 0, out_clean
-    [clean_dir] = (tmp_path / "clean").glob("tokenizer/*")
-    assert clean_dir.name == art_dir.name  # same config, same cache key
+    clean_dir = tiny_graph.root / "tokenizer" / art_dir.name  # same config, same cache key
     killed_m = json.loads((art_dir / "_manifest.json").read_text())
     clean_m = json.loads((clean_dir / "_manifest.json").read_text())
     for rel in ("model/tokenizer.safetensors", "model/prior.safetensors"):
