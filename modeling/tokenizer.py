@@ -2,7 +2,12 @@
 
 The decoder sees only the visual tokens: prologue tokens are never decoded and are trained only
 through the joint AR model's CE loss (`modeling.joint_prior`). `z_len = 0` is the 2D-tokenizer
-baseline, which has no query tokens and no prologue quantizer at all.
+baseline, which has no query tokens and no prologue quantizer at all. Prologue-Post (`post_hoc`)
+keeps the 2D encoder exactly as the baseline's and adds a separate prologue encoder
+(`modeling.prologue_encoder`) that reads its patch outputs.
+
+Modules are built in a fixed order, shared ones first (encoder trunk, visual quantizer, decoder, then
+the prologue parts), so that every variant starts from the same initial weights for one seed.
 
 Images are float in [-1, 1], shape [B, C, H, W]; N = (H / patch)^2 visual tokens, Z = z_len.
 """
@@ -16,6 +21,7 @@ from torch import Tensor, nn
 
 from modeling.blocks import Transformer, grid_rope, rope_1d
 from modeling.config import KEY_UNLESS_DEFAULT, Config, ConfigError
+from modeling.prologue_encoder import PrologueEncoder
 from modeling.quantizers import PrologueQuantized, PrologueQuantizer, VisualQuantized, VisualQuantizer
 
 
@@ -60,8 +66,14 @@ class TokenizerConfig(Config):
     visual_dropout: float = 0.5
     """Fraction of samples whose visual inputs to the joint AR prior are all replaced by EOS."""
     post_hoc: bool = field(default=False, metadata=KEY_UNLESS_DEFAULT)
-    """Prologue-Post: patch tokens do not attend to the queries, so the visual path is exactly the
-    2D tokenizer's; only the prologue path (queries, prologue quantizer, prior) is trained on top."""
+    """Prologue-Post: the 2D tokenizer (no queries) is frozen and a separate prologue encoder reads its
+    patch outputs with the queries; only that encoder, the prologue quantizer and the prior train."""
+    post_width: int = 128
+    """Prologue-Post: width of the separate prologue encoder (paper 512)."""
+    post_depth: int = 2
+    """Prologue-Post: layers of the separate prologue encoder (paper 10)."""
+    post_heads: int = 4
+    """Prologue-Post: attention heads of the separate prologue encoder (paper 8)."""
 
     @property
     def grid(self) -> int:
@@ -76,14 +88,15 @@ class TokenizerConfig(Config):
     def validate(self) -> None:
         positive = ("image_size", "patch_size", "channels", "width", "depth", "heads", "dec_width", "dec_depth",
                     "dec_heads", "code_dim", "visual_codebook", "prologue_codebook", "prior_width", "prior_depth",
-                    "prior_heads")  # fmt: skip
+                    "prior_heads", "post_width", "post_depth", "post_heads")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"patch_size: {self.patch_size} does not divide image_size {self.image_size}")
         # Rotary embeddings rotate channel pairs; 2D ones split each head in two halves: head dim % 4 == 0.
-        pairs = (("width", "heads", 4), ("dec_width", "dec_heads", 4), ("prior_width", "prior_heads", 2))
+        pairs = (("width", "heads", 4), ("dec_width", "dec_heads", 4), ("prior_width", "prior_heads", 2),
+                 ("post_width", "post_heads", 4))  # fmt: skip
         for width, heads, mult in pairs:
             w, h = getattr(self, width), getattr(self, heads)
             if w % h or (w // h) % mult:
@@ -101,23 +114,24 @@ class TokenizerConfig(Config):
 
 
 class Encoder(nn.Module):
-    """Patch tokens (2D RoPE) + z_len learnable queries (1D RoPE after the patches), one transformer."""
+    """Patch tokens (2D RoPE) + z_len learnable queries (1D RoPE after the patches), one transformer.
+    Prologue-Post's 2D encoder has no queries (its prologue encoder holds them)."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        self.z_len = cfg.z_len
+        self.z_len = 0 if cfg.post_hoc else cfg.z_len
         self.patchify = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size)
-        if cfg.z_len:  # the baseline must not carry unused prologue parameters
-            self.queries = nn.Parameter(torch.randn(cfg.z_len, cfg.width) * 0.02)
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads)
+        self.queries = None  # the baseline carries no unused prologue parameters; see add_queries
         head_dim, n = cfg.width // cfg.heads, cfg.num_patches
-        angles = torch.cat([grid_rope(cfg.grid, head_dim), rope_1d(torch.arange(n, n + cfg.z_len), head_dim)])
+        angles = torch.cat([grid_rope(cfg.grid, head_dim), rope_1d(torch.arange(n, n + self.z_len), head_dim)])
         self.register_buffer("angles", angles, persistent=False)  # [N + Z, head_dim/2]
-        mask = None
-        if cfg.post_hoc and cfg.z_len:  # rows: who attends; patches see only patches, queries see all
-            mask = torch.ones(n + cfg.z_len, n + cfg.z_len, dtype=torch.bool)
-            mask[:n, n:] = False
-        self.register_buffer("mask", mask, persistent=False)
+
+    def add_queries(self) -> None:
+        """Create the z_len learnable queries; called after the shared modules are built, so that those
+        draw the same initial weights in every variant."""
+        if self.z_len:
+            self.queries = nn.Parameter(torch.randn(self.z_len, self.patchify.out_channels) * 0.02)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images [B, C, H, W] -> patch outputs [B, N, width], query outputs [B, Z, width] (Z may be 0)."""
@@ -125,7 +139,7 @@ class Encoder(nn.Module):
         n = x.shape[1]
         if self.z_len:
             x = torch.cat([x, self.queries.expand(x.shape[0], -1, -1)], dim=1)  # [B, N + Z, width]
-        x = self.transformer(x, self.angles, self.mask)
+        x = self.transformer(x, self.angles)
         return x[:, :n], x[:, n:]
 
 
@@ -160,15 +174,19 @@ class Tokenizer(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.visual_quantizer = VisualQuantizer(cfg.width, cfg.code_dim, cfg.visual_codebook, cfg.beta)
-        self.prologue_quantizer = (
-            PrologueQuantizer(cfg.width, cfg.code_dim, cfg.prologue_codebook, cfg.prologue_temperature)
-            if cfg.z_len
-            else None
-        )
         self.decoder = Decoder(cfg)
+        self.encoder.add_queries()
+        self.prologue_encoder = PrologueEncoder(cfg) if cfg.post_hoc else None
+        self.prologue_quantizer = None
+        if cfg.z_len:
+            width = cfg.post_width if cfg.post_hoc else cfg.width
+            self.prologue_quantizer = PrologueQuantizer(width, cfg.code_dim, cfg.prologue_codebook,
+                                                        cfg.prologue_temperature)  # fmt: skip
 
     def encode(self, images: Tensor) -> Encoded:
         patches, queries = self.encoder(images)
+        if self.prologue_encoder is not None:  # the frozen 2D features: no gradient flows back into them
+            queries = self.prologue_encoder(patches.detach())
         prologue = self.prologue_quantizer(queries) if self.prologue_quantizer is not None else None
         return Encoded(self.visual_quantizer(patches), prologue)
 

@@ -5,6 +5,11 @@ VQ loss, and the joint prior's CE on prologue/EOS and visual positions, computed
 its weights frozen (the CE reaches the encoder through the prologue path only).
 Step 2 (joint prior + discriminator): plain CE on detached codes; hinge loss for the discriminator.
 
+Every module has its own AdamW and its own schedule (encoder/decoder, joint prior, discriminator), as
+the method specifies. The discriminator's schedule counts its own steps from `gan_start`, so it is the
+same in every variant whether or not a joint prior trains beside it (a shared optimiser once let the
+prior's steps advance the discriminator's schedule in the prologue arms only).
+
 The trainer is data-parallel aware (DDP per module) but does no I/O: checkpoints are `tensors()`
 (safetensors-ready) plus `training_state()` (optimisers, schedules, RNG), loaded back with `load()`.
 """
@@ -100,7 +105,7 @@ class TokenizerTrainConfig(Config):
 
 
 # parameters of the prologue path: the only ones Prologue-Post trains on top of a frozen 2D tokenizer
-PROLOGUE_PATH = ("encoder.queries", "prologue_quantizer.")
+PROLOGUE_PATH = ("prologue_encoder.", "prologue_quantizer.")
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -122,6 +127,9 @@ class TokenizerTrainer:
         loaded and frozen, so that only the prologue path trains."""
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.cfg, self.model_cfg, self.device = cfg, model_cfg, device
+        # shared modules first (the discriminator, then the tokenizer, whose prologue parts come last),
+        # the prior after them: initial weights of what both arms have do not depend on the variant
+        self.disc = PatchDiscriminator(model_cfg.channels).to(device)
         self.tokenizer = Tokenizer(model_cfg).to(device)
         if model_cfg.post_hoc != (base is not None):
             raise ValueError("post_hoc training needs the 2D tokenizer's weights (base), and only it takes them")
@@ -133,21 +141,25 @@ class TokenizerTrainer:
             for name, p in self.tokenizer.named_parameters():
                 p.requires_grad_(name.startswith(PROLOGUE_PATH))
         self.prior = JointPrior(model_cfg).to(device) if model_cfg.z_len > 0 else None
-        self.disc = PatchDiscriminator(model_cfg.channels).to(device)
         self.perceptual = PerceptualLoss(cfg.perceptual_weights).to(device) if cfg.perceptual_weight > 0 else None
         self.ema = AveragedModel(self.tokenizer, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
         wrap = (lambda m: DDP(m)) if distributed else (lambda m: m)
         self.tokenizer_dp = wrap(self.tokenizer)
         self.prior_dp = wrap(self.prior) if self.prior is not None else None
         self.disc_dp = wrap(self.disc)
-        aux = list(self.disc.parameters()) + (list(self.prior.parameters()) if self.prior is not None else [])
         adamw = dict(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         trainable = [p for p in self.tokenizer.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, **adamw)
-        self.opt_aux = torch.optim.AdamW(aux, lr=cfg.aux_lr, **adamw)
         schedule = lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        # the discriminator trains from gan_start for the remaining steps, with its own warm-up
+        disc_schedule = lr_lambda(cfg.warmup_steps, max(1, cfg.steps - cfg.gan_start), cfg.min_lr_ratio)
+        self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, **adamw)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
-        self.sched_aux = torch.optim.lr_scheduler.LambdaLR(self.opt_aux, schedule)
+        self.opt_disc = torch.optim.AdamW(self.disc.parameters(), lr=cfg.aux_lr, **adamw)
+        self.sched_disc = torch.optim.lr_scheduler.LambdaLR(self.opt_disc, disc_schedule)
+        self.opt_prior = self.sched_prior = None
+        if self.prior is not None:
+            self.opt_prior = torch.optim.AdamW(self.prior.parameters(), lr=cfg.aux_lr, **adamw)
+            self.sched_prior = torch.optim.lr_scheduler.LambdaLR(self.opt_prior, schedule)
         self.restarters = {}
         if cfg.restart_dead_codes_every and not model_cfg.post_hoc:
             self.restarters["visual"] = DeadCodeRestarter(self.tokenizer.visual_quantizer, cfg.restart_dead_codes_every)
@@ -207,22 +219,15 @@ class TokenizerTrainer:
         for p in frozen:
             p.requires_grad_(True)
 
-        # step 2: joint prior on detached codes + discriminator on detached reconstructions
-        aux_loss = None
+        # step 2: joint prior on detached codes, discriminator on detached reconstructions (each its own step)
         if self.prior_dp is not None:
             ce = self.prior_dp(enc.prologue.onehot.detach(), enc.visual.codes.detach())
-            aux_loss = self._sequence_ce(ce, 1.0, 1.0)
+            self._aux_step(self._sequence_ce(ce, 1.0, 1.0), self.opt_prior, self.sched_prior)
             stats.update(prior_ce_prologue=ce["ce_prologue"].item(), prior_ce_visual=ce["ce_visual"].item())
         if gan_on:
             d = d_hinge_loss(self.disc_dp(x), self.disc_dp(recon.detach()))
-            aux_loss = d if aux_loss is None else aux_loss + d
+            stats["disc_lr"] = self._aux_step(d, self.opt_disc, self.sched_disc)
             stats["gan_d"] = d.item()
-        if aux_loss is not None:
-            self.opt_aux.zero_grad(set_to_none=True)
-            aux_loss.backward()
-            self._clip(p for g in self.opt_aux.param_groups for p in g["params"])
-            self.opt_aux.step()
-            self.sched_aux.step()  # the discriminator's schedule starts when it does (gan_start)
 
         self.step += 1
         for name, restarter in self.restarters.items():
@@ -243,6 +248,16 @@ class TokenizerTrainer:
         n_prologue, n_visual = self.model_cfg.z_len + 1, self.model_cfg.num_patches
         total = n_prologue + n_visual
         return (w_prologue * n_prologue * ce["ce_prologue"] + w_visual * n_visual * ce["ce_visual"]) / total
+
+    def _aux_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, sched) -> float:
+        """One optimiser step of an auxiliary module; returns the learning rate it stepped with."""
+        lr = opt.param_groups[0]["lr"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self._clip(p for g in opt.param_groups for p in g["params"])
+        opt.step()
+        sched.step()
+        return lr
 
     def _clip(self, params) -> float:
         params = [p for p in params if p.grad is not None]
@@ -268,9 +283,11 @@ class TokenizerTrainer:
         return {
             "step": self.step,
             "opt": self.opt.state_dict(),
-            "opt_aux": self.opt_aux.state_dict(),
             "sched": self.sched.state_dict(),
-            "sched_aux": self.sched_aux.state_dict(),
+            "opt_disc": self.opt_disc.state_dict(),
+            "sched_disc": self.sched_disc.state_dict(),
+            **({"opt_prior": self.opt_prior.state_dict(), "sched_prior": self.sched_prior.state_dict()}
+               if self.prior is not None else {}),
             "ema_n_averaged": self.ema.n_averaged.cpu(),
             "restart": {"rng": self.restart_rng.get_state(), **{k: r.counts for k, r in self.restarters.items()}},
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
@@ -283,9 +300,12 @@ class TokenizerTrainer:
         if self.prior is not None:
             self.prior.load_state_dict(tensors["prior"])
         self.opt.load_state_dict(state["opt"])
-        self.opt_aux.load_state_dict(state["opt_aux"])
         self.sched.load_state_dict(state["sched"])
-        self.sched_aux.load_state_dict(state["sched_aux"])
+        self.opt_disc.load_state_dict(state["opt_disc"])
+        self.sched_disc.load_state_dict(state["sched_disc"])
+        if self.prior is not None:
+            self.opt_prior.load_state_dict(state["opt_prior"])
+            self.sched_prior.load_state_dict(state["sched_prior"])
         self.ema.n_averaged.copy_(state["ema_n_averaged"])
         self.restart_rng.set_state(state["restart"]["rng"])
         for name, restarter in self.restarters.items():

@@ -152,7 +152,7 @@ def test_baseline_has_no_prologue_parameters():
     base, pro = Tokenizer(tiny(0)), Tokenizer(tiny())
     names = [n for n, _ in base.named_parameters()]
     assert not [n for n in names if "prologue" in n or "queries" in n]
-    assert base.prologue_quantizer is None and not hasattr(base.encoder, "queries")
+    assert base.prologue_quantizer is None and base.encoder.queries is None
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(pro) - count(base) == count(pro.prologue_quantizer) + pro.encoder.queries.numel() > 0
     with pytest.raises(ValueError, match="z_len"):
@@ -335,21 +335,39 @@ def test_perceptual_loss(vgg_weights, tmp_path):
         PerceptualLoss(str(tmp_path / "missing.pth"))
 
 
-def test_post_hoc_encoder_keeps_the_2d_visual_path():
-    """Prologue-Post: patch tokens do not see the queries, so with the 2D tokenizer's weights the
-    visual codes are exactly the 2D tokenizer's, whatever the queries are."""
+def test_post_hoc_tokenizer_is_the_2d_tokenizer_plus_a_separate_prologue_encoder():
+    """Prologue-Post: the 2D encoder has no queries and loads the baseline's weights as they are; a
+    separate prologue encoder reads its patch outputs, so the visual codes are exactly the 2D
+    tokenizer's whatever the prologue path holds, and the CE cannot reach the 2D encoder."""
     base = Tokenizer(tiny(z_len=0)).eval()
-    post = Tokenizer(tiny(post_hoc=True)).eval()
+    post = Tokenizer(tiny(post_hoc=True, post_width=16, post_depth=1, post_heads=1)).eval()
     missing, unexpected = post.load_state_dict(base.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(("encoder.queries", "prologue_quantizer.")) for k in missing)
+    assert not unexpected and missing
+    assert all(k.startswith(("prologue_encoder.", "prologue_quantizer.")) for k in missing)
+    assert post.encoder.queries is None
+    assert post.prologue_quantizer.proj.in_features == 16  # the prologue encoder's width, not the 2D one's
     x = images()
     with torch.no_grad():
         codes = post.encode(x).visual.codes
         assert torch.equal(codes, base.encode(x).visual.codes)
-        post.encoder.queries.normal_()
-        assert torch.equal(post.encode(x).visual.codes, codes)
-        joint = Tokenizer(tiny())  # without post_hoc, patches attend to the queries
-        joint.load_state_dict(post.state_dict())
-        assert not torch.allclose(joint.encoder(x)[0], post.encoder(x)[0])
+        before = post.encode(x).prologue.codes
+        post.prologue_encoder.queries.normal_()
+        after = post.encode(x)
+        assert torch.equal(after.visual.codes, codes) and not torch.equal(after.prologue.codes, before)
+    out = post.encode(x)
+    out.prologue.onehot.sum().backward()
+    assert all(p.grad is None for p in post.encoder.parameters())  # the 2D features are read detached
+    assert nonzero(post.prologue_encoder.queries)
     with pytest.raises(ConfigError, match="post_hoc: a prologue path needs z_len > 0"):
         Tokenizer(tiny(z_len=0, post_hoc=True))
+
+
+def test_every_variant_starts_from_the_same_shared_weights():
+    """One seed, one initialisation of the shared modules, whatever the variant adds."""
+    made = {}
+    for name, cfg in {"baseline": tiny(z_len=0), "prologue": tiny(), "z2": tiny(z_len=2)}.items():
+        torch.manual_seed(7)
+        made[name] = Tokenizer(cfg).state_dict()
+    for name, sd in made.items():
+        for k, v in made["baseline"].items():
+            assert torch.equal(sd[k], v), f"{name}: {k}"

@@ -70,6 +70,22 @@ def test_baseline_has_no_prior_and_prologue_trains_it():
     assert any(not torch.equal(before[k], v) for k, v in pro.prior.state_dict().items())
 
 
+def test_arms_share_initial_weights_data_order_and_the_discriminator_schedule():
+    """Baseline and prologue trainers differ only in the prologue path: the same initial weights of
+    every shared module, and a discriminator whose LR sequence starts at gan_start in both."""
+    profile = load_profile("tiny", ["tokenizer_train.gan_start=3", "tokenizer_train.steps=8"])
+    cfg, batches = profile.tokenizer_train, _batches(8)
+    arms = {v: TokenizerTrainer(profile.tokenizer_for(v), cfg, torch.device("cpu")) for v in ("baseline", "prologue")}
+    base, pro = arms["baseline"].tensors(), arms["prologue"].tensors()
+    for name in ("tokenizer", "discriminator"):
+        for k, v in base[name].items():
+            assert torch.equal(pro[name][k], v), f"{name}.{k}"
+    lrs = {v: [t.train_step(b).get("disc_lr") for b in batches] for v, t in arms.items()}
+    assert lrs["baseline"] == lrs["prologue"]
+    assert lrs["baseline"][:3] == [None] * 3 and all(lr > 0 for lr in lrs["baseline"][3:])
+    assert lrs["baseline"][3] == pytest.approx(cfg.aux_lr / cfg.warmup_steps)  # its own warm-up from gan_start
+
+
 def test_training_learns_and_writes_outputs(tmp_path, tiny_graph):
     store = copy_store(tiny_graph.root, Store(str(tmp_path)), ("image_shards",))
     plan = tiny_plan(store, ["tokenizer_train.steps=60", "tokenizer_train.gan_start=1000"])
@@ -158,7 +174,19 @@ def test_tokenizer_asset_both_variants_in_one_run(tmp_path, tiny_graph):
             assert md["steps"] == 30 and md["val_images"] == 128
             assert "data:image/png;base64," in md["reconstructions"]
             assert ("prologue_codes_used" in md) == (variant == "prologue")
-            assert md["val_psnr_db"] > 0
+            assert md["val_psnr_db"] > 0 and md["trainable_parameters"] > 0
+        # the two arms of the comparison read the same batches in the same order and step the
+        # discriminator with the same LR from gan_start (15 in tiny): only the prologue path differs
+        store = Store(str(tmp_path))
+        hist = {
+            v: [json.loads(line) for line in store.artifact("tokenizer", md["cache_key"]).read_bytes("history.jsonl")
+                .decode().splitlines()]
+            for v, md in mats.items()
+        }  # fmt: skip
+        same = ("step", "epoch", "data_checksum", "disc_lr")
+        logged = {v: [[h.get(k) for k in same] for h in rows] for v, rows in hist.items()}
+        assert logged["baseline"] == logged["prologue"]
+        assert [h.get("disc_lr") is not None for h in hist["baseline"]] == [h["step"] > 15 for h in hist["baseline"]]
         checks = {c.check_name: c for c in result.get_asset_check_evaluations() if c.asset_key == tokenizer.key}
         assert set(checks) == {"weights_finite", "codebook_usage"} and all(c.passed for c in checks.values())
 
@@ -208,11 +236,13 @@ def test_prologue_post_trains_only_the_prologue_path(tmp_path, tiny_graph):
     for name, tensor in base_w.items():  # the whole 2D tokenizer is unchanged, bit for bit
         assert torch.equal(post_w[name], tensor), name
     new = set(post_w) - set(base_w)
-    assert new and all(k.startswith(("encoder.queries", "prologue_quantizer.")) for k in new)
+    assert new and all(k.startswith(("prologue_encoder.", "prologue_quantizer.")) for k in new)
     m_base, m_post = base.manifest.metrics, post.manifest.metrics
     assert m_post["psnr_db"] == pytest.approx(m_base["psnr_db"], abs=1e-4)  # same visual codes, same decoder
     assert m_post["prologue_codes"]["fraction_used"] > 0
     history = [json.loads(line) for line in post.artifact.read_bytes("history.jsonl").decode().splitlines()]
     assert history[-1]["prior_ce_visual"] < history[0]["prior_ce_visual"]  # the prior learns on top
     tok = load_tokenizer(post.artifact)  # a tokenizer artefact like any other, downstream steps load it
-    assert tok.cfg.post_hoc and tok.encoder.mask is not None
+    assert tok.cfg.post_hoc and tok.prologue_encoder is not None
+    trainable = post.manifest.metrics["trainable_parameters"]
+    assert trainable == sum(v.numel() for k, v in post_w.items() if k.startswith(("prologue_encoder.", "prologue_q")))

@@ -76,7 +76,8 @@ def run(store: Store, key: str, progress: bool) -> None:
     _train(ctx, trainer, cfg, artifact, shards["train"], history, positions[ctx.rank], progress)
     in_sync = ranks_in_sync(trainer.tokenizer, ctx.world)
     if ctx.rank == 0:
-        extra = {"ranks": ctx.world, "ranks_in_sync": in_sync}
+        trainable = sum(p.numel() for p in trainer.tokenizer.parameters() if p.requires_grad)
+        extra = {"ranks": ctx.world, "ranks_in_sync": in_sync, "trainable_parameters": trainable}
         _finish(artifact, trainer, shards["val"], cfg, history, evaluate, extra)
     if ctx.world > 1:
         dist.barrier()
@@ -88,14 +89,18 @@ def _train(ctx, trainer, cfg, artifact: Artifact, train: Artifact, history: list
     batches = _batches(train, cfg, ctx.rank, ctx.world, *position)
     bar = ctx.progress(cfg.steps, trainer.step, enabled=progress)
     t0, last_step = time.perf_counter(), trainer.step
+    data_checksum = history[-1]["data_checksum"] if history else 0
     while trainer.step < cfg.steps:
         epoch, done_in_epoch, images = next(batches)
+        # a running checksum of every batch seen: two arms with the same data order log the same values
+        data_checksum = (data_checksum * 1000003 + int(images.sum())) % (1 << 61)
         stats = trainer.train_step(images)
         bar.update(1)
         if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
             rate = (trainer.step - last_step) * cfg.batch_size * ctx.world / (time.perf_counter() - t0)
             t0, last_step = time.perf_counter(), trainer.step
-            history.append({"step": trainer.step, "epoch": epoch, "images_per_s": rate, **stats})
+            entry = {"step": trainer.step, "epoch": epoch, "data_checksum": data_checksum, "images_per_s": rate}
+            history.append(entry | stats)
             shown = " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k in SHOWN)
             ctx.say(f"step {trainer.step}/{cfg.steps} {shown} {rate:.0f} img/s")
         if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
