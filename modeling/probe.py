@@ -1,7 +1,9 @@
 """Linear probe: multinomial logistic regression on frozen, standardised features with a fixed L-BFGS budget.
 
-Used to compare what the prologue tokens (embedded with the AR model's or the prior's embedding rows) know about the
-class against the first `z_len` tokens of the baseline tokenizer.
+Used to compare what the prologue tokens know about the class against the first `z_len` tokens of the baseline
+tokenizer. Tokens become features two ways: their codebook vectors (`embed_tokens`: the geometry the visual codebook
+learns; the prologue codebook's geometry is only shaped through a softmax) and one-hot codes (`one_hot_tokens`: no
+geometry at all, so neither token kind is favoured by how its codebook was trained).
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ def embed_tokens(codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """codes [N, L] long, embedding table [K, D] -> flattened features [N, L * D]."""
     assert codes.ndim == 2 and table.ndim == 2 and int(codes.max()) < len(table), (codes.shape, table.shape)
     return F.embedding(codes, table.detach()).flatten(1)  # [N, L, D] -> [N, L * D]
+
+
+def one_hot_tokens(codes: torch.Tensor, vocab: int) -> torch.Tensor:
+    """codes [N, L] long -> one-hot features [N, L * vocab] (float32; keep L * vocab modest: it is dense)."""
+    assert codes.ndim == 2 and int(codes.max()) < vocab, (codes.shape, vocab)
+    return F.one_hot(codes, vocab).flatten(1).float()  # [N, L, vocab] -> [N, L * vocab]
 
 
 def top1(logits: torch.Tensor, y: torch.Tensor) -> float:

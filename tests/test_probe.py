@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeling.probe import embed_tokens, linear_probe
+from modeling.probe import embed_tokens, linear_probe, one_hot_tokens
 
 C, D = 10, 32  # classes, feature width
 
@@ -50,3 +50,22 @@ def test_embed_tokens_and_probe_on_a_class_carrying_token():
     assert r["top1"] >= 0.95, r
     with pytest.raises(AssertionError):
         embed_tokens(torch.full((2, 3), k), table)
+
+
+def test_one_hot_probe_reads_a_class_code_that_the_codebook_geometry_hides():
+    """A token whose code carries the class through a table that maps all codes to nearly one vector:
+    the embedded probe cannot separate the classes, the one-hot probe can."""
+    k, g = 16, torch.Generator().manual_seed(2)
+    table = torch.ones(k, 4) + 1e-7 * torch.randn(k, 4, generator=g)  # every code embeds (almost) alike
+    y = torch.randint(0, C, (800,), generator=g)
+    codes = torch.stack([y, torch.randint(0, k, (800,), generator=g)], dim=1)  # [800, 2]: class code, noise
+    feats = one_hot_tokens(codes, k)
+    assert feats.shape == (800, 2 * k) and torch.equal(feats.sum(1), torch.full((800,), 2.0))
+    assert feats[0, int(codes[0, 0])] == 1 and feats[0, k + int(codes[0, 1])] == 1
+    onehot = linear_probe(feats[:500], y[:500], feats[500:], y[500:], steps=100)
+    embedded = embed_tokens(codes, table)
+    embedded = embedded.round(decimals=3)  # the class differences are below any useful precision
+    geometric = linear_probe(embedded[:500], y[:500], embedded[500:], y[500:], steps=100)
+    assert onehot["top1"] >= 0.95 and geometric["top1"] < 0.3, (onehot, geometric)
+    with pytest.raises(AssertionError):
+        one_hot_tokens(torch.full((2, 3), k), k)
