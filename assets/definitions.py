@@ -6,12 +6,15 @@ from assets.ar import ar_model
 from assets.automation import GPU, evaluation_job, new_images_sensor, retrain_job, retrain_schedule, run_failure_summary
 from assets.data import image_shards, raw_images
 from assets.evaluation import (
+    domain_classifier,
     generation_metrics,
     linear_probe,
+    mechanism_metrics,
     reconstruction_metrics,
     reference_stats,
     results_table,
     samples,
+    sampling_tuning,
 )
 from assets.resources import ProfileResource, StoreResource
 from assets.tokenizer import tokenizer
@@ -32,11 +35,14 @@ defs = Definitions(
         tokenizer,
         token_dataset,
         ar_model,
+        sampling_tuning,
         samples,
         reference_stats,
+        domain_classifier,
         reconstruction_metrics,
         generation_metrics,
         linear_probe,
+        mechanism_metrics,
         results_table,
     ],
     jobs=[retrain_job, evaluation_job, *stage_jobs],

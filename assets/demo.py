@@ -22,11 +22,16 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("tokenizer", ("val_psnr_db", "visual_codes_used", "prologue_codes_used", "steps", "seconds")),
     ("token_dataset", ("train_rows", "bytes_per_token_parquet", "bytes_per_token_wds", "sanity_psnr_db", "seconds")),
     ("ar_model", ("final_loss", "val_ce_prologue", "val_ce_visual", "steps", "seconds")),
+    ("domain_classifier", ("val_top1", "reference_images", "train_seconds", "seconds")),
+    ("sampling_tuning", ("selected_nocfg", "selected_cfg", "seconds")),
     ("samples", ("samples_cfg", "samples_nocfg", "seconds")),
     ("reference_stats", ("effnetlite0_images", "effnetlite0_stats_sha256", "effnetlite0_seconds")),
     ("reconstruction_metrics", ("rfd_effnetlite0", "psnr_db", "seconds")),
-    ("generation_metrics", ("fd_effnetlite0_cfg", "fd_effnetlite0_nocfg", "seconds")),
-    ("linear_probe", ("top1_prologue", "top1_first_visual", "top1_all_visual", "seconds")),
+    ("generation_metrics", ("fd_effnetlite0_nocfg", "fd_domain_nocfg", "class_consistency_nocfg",
+                            "fd_domain_ar_only_nocfg", "seconds")),
+    ("linear_probe", ("top1_prologue", "top1_prologue_onehot", "top1_all_visual", "seconds")),
+    ("mechanism_metrics", ("ar_visual_ce_true", "ar_visual_ce_shuffled_across_images", "resample_keep_rate",
+                           "same_class_pair_rate", "seconds")),
     ("results_table", ("seconds",)),
 ]
 

@@ -9,16 +9,67 @@ from assets.data import data_version, image_shards, materialized, per_variant, p
 from assets.resources import ProfileResource, StoreResource, run_plan, variant_partitions
 from assets.tokenizer import ONE_RUN, tokenizer
 from assets.tokens import token_dataset
-from pipelines import evaluate, results, sampling
+from pipelines import domain, evaluate, mechanism, results, sampling, tuning
 from pipelines.plan import CODE_VERSIONS
 
 GROUP = "evaluation"
 
 
 @asset(
+    deps=[image_shards],
+    code_version=CODE_VERSIONS["domain_classifier"],
+    group_name=GROUP,
+    kinds={"pytorch"},
+    check_specs=[checks.spec("domain_accuracy", "domain_classifier", "val top-1 at least evaluation.domain_min_top1")],
+    description="The domain evaluator: a small CNN of the data set's classes trained on the train shards minus "
+    "evaluation.domain_holdout_shards; its features give fd_domain, its predictions class consistency. Stores the "
+    "held-out reference features and the val features (tuning reference, real-image ceiling).",
+)
+def domain_classifier(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+    plan = run_plan(context.instance, profile, store)
+    r = domain.domain_classifier(plan, on_log=context.log.info)
+    m, floor = r.manifest.metrics, plan.profile.evaluation.domain_min_top1
+    yield materialized(r, {
+        "val_top1": round(m["val_top1"], 4),
+        "reference_top1": round(m["reference_top1"], 4),
+        "reference_images": m["reference_images"],
+        "val_images": m["val_images"],
+        "real_val_ceiling": MetadataValue.json(m["ceiling"]),
+        "parameters": m["parameters"],
+        "train_seconds": round(m["train"]["seconds"], 1),
+    })  # fmt: skip
+    low = [f"val top-1 {m['val_top1']:.4f} is below the floor {floor}"] if m["val_top1"] < floor else []
+    yield checks.check_result("domain_accuracy", {"domain_classifier": low})
+
+
+@asset(
     partitions_def=variant_partitions,
     backfill_policy=ONE_RUN,
-    deps=[ar_model],
+    deps=[ar_model, tokenizer, domain_classifier],
+    code_version=CODE_VERSIONS["sampling_tuning"],
+    group_name=GROUP,
+    description="The same sampling search for every variant: temperatures without guidance, then guidance scales, "
+    "grids of equal size, each point scored by FD-domain against the val split (the tuning reference, disjoint "
+    "from the reporting reference); samples use the selected settings.",
+)
+def sampling_tuning(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+    plan = run_plan(context.instance, profile, store)
+
+    def step(variant: str):
+        r = tuning.sampling_tuning(plan, variant, on_log=context.log.info)
+        m = r.manifest.metrics
+        flat = {f"selected_{g}": MetadataValue.json({k: m["selected"][g][k] for k in tuning.KNOBS})
+                for g in ("nocfg", "cfg")}  # fmt: skip
+        return r, {**flat, "points": MetadataValue.json(m["points"]), "samples_per_point": m["samples_per_point"],
+                   "grid": MetadataValue.json(m["grid"])}  # fmt: skip
+
+    return per_variant(context, step)
+
+
+@asset(
+    partitions_def=variant_partitions,
+    backfill_policy=ONE_RUN,
+    deps=[ar_model, sampling_tuning],
     code_version=CODE_VERSIONS["samples"],
     group_name=GROUP,
     kinds={"pytorch", "webdataset"},
@@ -42,7 +93,8 @@ def samples(context: AssetExecutionContext, store: StoreResource, profile: Profi
             "samples_cfg": m.counts["samples"]["cfg"],
             "samples_nocfg": m.counts["samples"]["nocfg"],
             "per_class": prof.evaluation.samples_per_class,
-            "sampler": MetadataValue.json(m.config["sampler"]),
+            "sampler_cfg": MetadataValue.json({k: m.samplers["cfg"][k] for k in tuning.KNOBS}),
+            "sampler_nocfg": MetadataValue.json({k: m.samplers["nocfg"][k] for k in tuning.KNOBS}),
             "sampling_runs": len(runs),
             "seed_rule": m.seed_rule,
             "grid_cfg": png_markdown(art.read_bytes("grid_cfg.png"), "with guidance: 8 samples per class (rows)"),
@@ -90,10 +142,11 @@ def _metrics_metadata(result, flat: dict) -> dict:
 @asset(
     partitions_def=variant_partitions,
     backfill_policy=ONE_RUN,
-    deps=[tokenizer, reference_stats],
+    deps=[tokenizer, reference_stats, domain_classifier],
     code_version=CODE_VERSIONS["reconstruction_metrics"],
     group_name=GROUP,
-    description="rFD (EfficientNet-Lite0 features of val reconstructions vs the val reference set) and PSNR.",
+    description="rFD (EfficientNet-Lite0 features of val reconstructions vs the val reference set), PSNR, and the "
+    "domain evaluator's reconstruction ceiling (fd_domain, class consistency of the first N val reconstructions).",
 )
 def reconstruction_metrics(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
     plan = run_plan(context.instance, profile, store)
@@ -110,14 +163,15 @@ def reconstruction_metrics(context: AssetExecutionContext, store: StoreResource,
 @asset(
     partitions_def=variant_partitions,
     backfill_policy=ONE_RUN,
-    deps=[samples, reference_stats],
+    deps=[samples, reference_stats, domain_classifier, reconstruction_metrics],
     code_version=CODE_VERSIONS["generation_metrics"],
     group_name=GROUP,
     check_specs=[
         checks.spec("reference_checksum", "generation_metrics", "the reference statistics are the stored ones (sha256)")
     ],
     description="gFD, KID, precision/recall and IS-style score (EfficientNet-Lite0) of the samples with and "
-    "without guidance against the val reference set.",
+    "without guidance against the val reference set; fd_domain, class consistency and the AR-only distance "
+    "(samples vs the variant's own val reconstructions) under the domain evaluator.",
 )
 def generation_metrics(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
     plan, problems = run_plan(context.instance, profile, store), {}
@@ -163,9 +217,33 @@ def linear_probe(context: AssetExecutionContext, store: StoreResource, profile: 
 
 
 @asset(
+    partitions_def=variant_partitions,
+    backfill_policy=ONE_RUN,
+    deps=[ar_model, tokenizer, token_dataset, samples, domain_classifier],
+    code_version=CODE_VERSIONS["mechanism_metrics"],
+    group_name=GROUP,
+    description="Does the model read its prologue? Val CE per visual token of the AR and of the joint prior with "
+    "true, within-class-shuffled, across-image-shuffled and constant prologues; the share of fixed-prologue "
+    "resamples classified like their original against random same-class pairs (domain classifier).",
+)
+def mechanism_metrics(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+    plan = run_plan(context.instance, profile, store)
+
+    def step(variant: str):
+        r = mechanism.mechanism_metrics(plan, variant, on_log=context.log.info)
+        m = r.manifest.metrics
+        flat = {f"ar_visual_ce_{k}": v for k, v in m.get("ar_visual_ce", {}).items()}
+        flat |= {f"prior_visual_ce_{k}": v for k, v in m.get("prior_visual_ce", {}).items()}
+        flat |= {k: m[k] for k in ("same_class_pair_rate", "resample_keep_rate") if k in m}
+        return r, _metrics_metadata(r, flat)
+
+    return per_variant(context, step)
+
+
+@asset(
     deps=[
         AssetDep(a, partition_mapping=AllPartitionMapping())
-        for a in (reconstruction_metrics, generation_metrics, linear_probe, ar_model)
+        for a in (reconstruction_metrics, generation_metrics, linear_probe, mechanism_metrics, ar_model)
     ],
     code_version=CODE_VERSIONS["results_table"],
     group_name=GROUP,

@@ -24,20 +24,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from modeling.domain_classifier import embed
 from modeling.fidelity import Embedder, set_metrics
 from pipelines.loaders import load_tokenizer
 from pipelines.manifests import ReferenceManifest, SamplesManifest
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.sampling import GUIDANCE
-from pipelines.shard_reader import image_dataset, image_loader
+from pipelines.shard_reader import image_loader, labelled_batches, sample_set_images
 from pipelines.store import Artifact, StepResult
+from pipelines.token_reader import split_rows
 
 log = logging.getLogger(__name__)
 
 
-def _commit_metrics(plan: Plan, target: Target, metrics: dict, config: dict) -> dict:
-    """Write metrics.json and the manifest of a metric step."""
-    files = {"metrics.json": target.artifact.put_json("metrics.json", metrics).__dict__}
+def _commit_metrics(plan: Plan, target: Target, metrics: dict, config: dict, files: dict | None = None) -> dict:
+    """Write metrics.json and the manifest of a metric step (with any other files it wrote)."""
+    files = {**(files or {}), "metrics.json": target.artifact.put_json("metrics.json", metrics).__dict__}
     return target.artifact.commit(
         files,
         config=config,
@@ -127,6 +129,7 @@ def _reconstruction(plan: Plan, target: Target, variant: str) -> dict:
 
     tok = plan.tokenizer(variant)
     tok.require()
+    plan.domain().require()
     refs = _references(plan)
     val, ev = plan.shards("val").artifact, plan.profile.evaluation
     tokenizer, psnrs = load_tokenizer(tok.artifact), []
@@ -149,7 +152,35 @@ def _reconstruction(plan: Plan, target: Target, variant: str) -> dict:
     n = refs[ev.evaluator][1].counts.images
     metrics |= {"psnr_db": float(torch.cat(psnrs)[:n].mean()), "images": n}
     metrics |= _reference_fields(refs, ev.evaluator)
-    return _commit_metrics(plan, target, metrics, {"evaluators": list(refs)})
+    metrics["domain"], files = _domain_reconstructions(plan, target, tokenizer, val)
+    return _commit_metrics(plan, target, metrics, {"evaluators": list(refs)}, files)
+
+
+def _domain_reconstructions(plan: Plan, target: Target, tokenizer, val: Artifact) -> tuple[dict, dict]:
+    """The reconstruction ceiling under the domain evaluator: the first N val images (N: samples per
+    guidance setting) reconstructed, against the held-out reference; their features are stored for
+    the AR-only distance of the samples."""
+    from pipelines.domain import features_stats, load_classifier, load_set, npz_bytes, set_figures
+
+    domain = plan.domain()
+    n = min(domain.config["ceiling_images"], domain.require().metrics["val_images"])
+    classifier = load_classifier(domain.artifact)
+
+    def batches():
+        seen = 0
+        for images, labels in image_loader(val, plan.profile.evaluation.feature_batch, num_workers=0, rank=0,
+                                           world_size=1):  # fmt: skip
+            with torch.no_grad():
+                recon, _ = tokenizer(images.float().div(127.5).sub(1))
+            yield ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[: n - seen], labels[: n - seen]
+            seen += len(labels)
+            if seen >= n:
+                return
+
+    embedded = embed(classifier, batches())
+    figures = set_figures(*embedded, features_stats(load_set(domain.artifact, "reference")[0]))
+    record = target.artifact.put_bytes("domain_reconstructions.npz", npz_bytes(*embedded))
+    return figures, {"domain_reconstructions.npz": record.__dict__}
 
 
 # -- generation metrics ------------------------------------------------------------------------------
@@ -160,27 +191,50 @@ def generation_metrics(plan: Plan, variant: str, *, on_log=log.info, progress: b
     return cached_or_run(target, lambda: _generation(plan, target, variant, on_log), on_log)
 
 
-def _sample_metrics(sets: list[tuple[int, Target, SamplesManifest]], refs: dict, plan: Plan) -> dict[int, dict]:
-    """{seed: {guidance: metrics}} of every sample set under every evaluator."""
+def _sample_metrics(
+    sets: list[tuple[int, Target, SamplesManifest]], refs: dict, plan: Plan, variant: str
+) -> dict[int, dict]:
+    """{seed: {guidance: metrics}} of every sample set under every evaluator and the domain evaluator."""
+    ev = plan.profile.evaluation
     per_seed: dict[int, dict[str, Any]] = {seed: {g: {} for g in GUIDANCE} for seed, _, _ in sets}
     for e, w in plan.evaluators.items():
-        reference, embed = load_reference(refs[e][0].artifact), Embedder(e, w)
+        reference, embed_images = load_reference(refs[e][0].artifact), Embedder(e, w)
         for seed, t, manifest in sets:
             for g in GUIDANCE:
-                rels = manifest.layout[g]
-                sub = {"shards": rels, "files": {r: {"size": manifest.files[r].size} for r in rels}}
-                images = image_dataset(t.artifact, sub, rank=0, world_size=1)
-                chunks = _chunks(images, plan.profile.evaluation.feature_batch)
-                batches = (torch.stack([im for im, _ in c]) for c in chunks)
-                pool, logits = embed(batches)
+                images = sample_set_images(t.artifact, manifest, g, ev.feature_samples_per_class)
+                pool, logits = embed_images(im for im, _ in labelled_batches(images, ev.feature_batch))
                 per_seed[seed][g] |= set_metrics(pool, logits, reference, e) | {"samples": len(pool)}
+    for seed, t, manifest in sets:
+        for g in GUIDANCE:
+            per_seed[seed][g] |= _domain_figures(plan, variant, sample_set_images(t.artifact, manifest, g))
     return per_seed
+
+
+def _domain_figures(plan: Plan, variant: str, images: Iterable) -> dict[str, float]:
+    """fd_domain against the held-out reference, class consistency (share classified as their
+    conditioning class) and fd_domain_ar_only: against the variant's own val reconstructions, what
+    the AR adds to the tokenizer's distance."""
+    from modeling.fidelity import fd_from_features
+    from pipelines.domain import features_stats, load_classifier, load_set, set_figures
+
+    domain, recon = plan.domain().artifact, plan.reconstruction(variant).artifact
+    embedded = embed(load_classifier(domain), labelled_batches(images, 500))
+    figures = set_figures(*embedded, features_stats(load_set(domain, "reference")[0]))
+    own = features_stats(load_set(recon, "domain_reconstructions")[0])
+    return {
+        "fd_domain": figures["fd_domain"],
+        "class_consistency": figures["class_consistency"],
+        "fd_domain_ar_only": fd_from_features(embedded[0].double().numpy(), *own),
+        "domain_samples": figures["images"],
+    }
 
 
 def _generation(plan: Plan, target: Target, variant: str, on_log: Callable[[str], None]) -> dict:
     sets = [(seed, t, t.require()) for seed, t in zip(plan.sampling_seeds, plan.samples(variant), strict=True)]
+    plan.domain().require()
+    plan.reconstruction(variant).require()
     refs = _references(plan)
-    per_seed = _sample_metrics(sets, refs, plan)
+    per_seed = _sample_metrics(sets, refs, plan, variant)
     seeds = list(per_seed)
     for seed in seeds:
         for g in GUIDANCE:
@@ -198,75 +252,52 @@ def _generation(plan: Plan, target: Target, variant: str, on_log: Callable[[str]
         }
     first = sets[0][2]
     metrics |= _reference_fields(refs, plan.profile.evaluation.evaluator)
-    metrics |= {"seed_rule": first.seed_rule, "sampler": first.config["sampler"]}
+    metrics |= {"seed_rule": first.seed_rule, "samplers": first.samplers}
     return _commit_metrics(plan, target, metrics, {"evaluators": list(refs)})
-
-
-def _chunks(items: Iterable, n: int) -> Iterable[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 # -- linear probe -------------------------------------------------------------------------------------
 def linear_probe(plan: Plan, variant: str, *, on_log=log.info, progress: bool = False) -> StepResult:
-    """Top-1 of a logistic regression on embedded tokens (each code -> its tokenizer codebook vector):
-    the prologue tokens (prologue variant), the first z_len visual tokens and all visual tokens."""
+    """Top-1 of a logistic regression on tokens, each view read two ways (codebook vectors, one-hot
+    codes): the prologue tokens (prologue variants), the first z visual tokens (z: the variant's own
+    z_len; the baseline: every z_len of the profile) and all visual tokens (codebook vectors only)."""
     target = plan.probe(variant)
     return cached_or_run(target, lambda: _probe(plan, target, variant, on_log), on_log)
 
 
+def _probe_views(tokenizer, lengths: list[int]) -> dict[str, Callable]:
+    """{view: (prologue, visual) -> features}; one-hot features are dense, so all visual tokens are
+    read by codebook vector only."""
+    from modeling.probe import embed_tokens, one_hot_tokens
+
+    visual_table, visual_k = tokenizer.visual_quantizer.entries(), tokenizer.cfg.visual_codebook
+    views: dict[str, Callable] = {}
+    if tokenizer.prologue_quantizer is not None:
+        prologue_table, prologue_k = tokenizer.prologue_quantizer.entries(), tokenizer.cfg.prologue_codebook
+        views["prologue"] = lambda p, v: embed_tokens(p, prologue_table)
+        views["prologue_onehot"] = lambda p, v: one_hot_tokens(p, prologue_k)
+    for z in lengths:
+        views[f"first_visual_z{z}"] = lambda p, v, z=z: embed_tokens(v[:, :z], visual_table)
+        views[f"first_visual_z{z}_onehot"] = lambda p, v, z=z: one_hot_tokens(v[:, :z], visual_k)
+    views["all_visual"] = lambda p, v: embed_tokens(v, visual_table)
+    return views
+
+
 def _probe(plan: Plan, target: Target, variant: str, on_log: Callable[[str], None]) -> dict:
-    from modeling.probe import embed_tokens
     from modeling.probe import linear_probe as fit
 
     tokens = plan.tokens(variant)
     tokens.require()
     ev = plan.profile.evaluation
     tokenizer = load_tokenizer(plan.tokenizer(variant).artifact)
-    data = {split: _rows(tokens.artifact, split) for split in ("train", "val")}
-    z = plan.profile.tokenizer.z_len
-    visual_table = tokenizer.visual_quantizer.entries()
-    views = {
-        "first_visual": lambda p, v: embed_tokens(v[:, :z], visual_table),
-        "all_visual": lambda p, v: embed_tokens(v, visual_table),
-    }
-    if tokenizer.prologue_quantizer is not None:
-        prologue_table = tokenizer.prologue_quantizer.entries()
-        views = {"prologue": lambda p, v: embed_tokens(p, prologue_table), **views}
+    data = {split: split_rows(tokens.artifact, split) for split in ("train", "val")}
     metrics: dict[str, Any] = {}
-    for name, embed in views.items():
+    for name, features in _probe_views(tokenizer, target.config["first_visual"]).items():
         (ty, tp, tv), (vy, vp, vv) = data["train"], data["val"]
-        metrics[name] = fit(embed(tp, tv), ty, embed(vp, vv), vy, steps=ev.probe_steps, seed=0)
+        metrics[name] = fit(features(tp, tv), ty, features(vp, vv), vy, steps=ev.probe_steps, seed=0)
         on_log(f"linear probe on {name}: top-1 {metrics[name]['top1']:.4f}")
     metrics["train_rows"], metrics["val_rows"] = len(data["train"][0]), len(data["val"][0])
     return _commit_metrics(plan, target, metrics, target.config)
-
-
-def _rows(artifact: Artifact, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(labels, prologue, visual) of one split, original views only (aug 0), in storage order."""
-    import pyarrow.parquet as pq
-
-    parts = []
-    for f in artifact.manifest()["layout"]["parquet"][split]:
-        with artifact.store.open_url(artifact.file_uri(f["file"])) as stream:
-            t = pq.read_table(stream, columns=["label", "aug", "prologue", "visual"], filters=[("aug", "=", 0)])
-        n = t.num_rows
-        parts.append(
-            (
-                torch.from_numpy(t.column("label").to_numpy().astype(np.int64)),
-                torch.from_numpy(t.column("prologue").combine_chunks().flatten().to_numpy().astype(np.int64)).view(
-                    n, -1
-                ),
-                torch.from_numpy(t.column("visual").combine_chunks().flatten().to_numpy().astype(np.int64)).view(n, -1),
-            )
-        )
-    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
 
 def _numbers(metrics: dict, prefix: str = "") -> str:

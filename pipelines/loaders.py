@@ -34,3 +34,18 @@ def load_ar(artifact: Artifact, device: torch.device | str = "cpu", ema: bool = 
     model = ARModel(from_dict(ARConfig, manifest["config"]["model"]))
     model.load_state_dict(load(artifact.read_bytes("model/ar_ema.safetensors" if ema else "model/ar.safetensors")))
     return model.to(device).eval()
+
+
+def load_prior(artifact: Artifact, device: torch.device | str = "cpu"):
+    """The stage-1 joint prior of a prologue `tokenizer` artefact, in eval mode."""
+    from safetensors.torch import load
+
+    from modeling.joint_prior import JointPrior
+    from modeling.tokenizer import TokenizerConfig
+
+    manifest = artifact.manifest()
+    if manifest is None:
+        raise FileNotFoundError(f"{artifact.uri}: tokenizer not materialised (no manifest)")
+    prior = JointPrior(from_dict(TokenizerConfig, manifest["config"]["model"]))
+    prior.load_state_dict(load(artifact.read_bytes("model/prior.safetensors")))
+    return prior.to(device).eval()

@@ -103,6 +103,7 @@ class SamplesManifest(Manifest):
     counts: dict[str, Any]
     image: dict[str, Any]
     seed_rule: str
+    samplers: dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,9 @@ MANIFESTS: dict[str, type[Manifest]] = {
     "reconstruction_metrics": MetricsManifest,
     "generation_metrics": MetricsManifest,
     "linear_probe": MetricsManifest,
+    "domain_classifier": MetricsManifest,
+    "mechanism_metrics": MetricsManifest,
+    "sampling_tuning": MetricsManifest,
     "results_table": ResultsManifest,
 }
 

@@ -5,8 +5,9 @@ split and its class names: the only thing read from outside the store). From tho
 cache key of every artefact the asset graph materialises, without running anything:
 
     image_shards[split] -> tokenizer[variant] -> token_dataset[variant] -> ar_model[variant]
-    -> samples[variant] (one set per sampling run); reference_stats[evaluator] from image_shards[val];
-    reconstruction_metrics / generation_metrics / linear_probe[variant]; results_table.
+    -> sampling_tuning[variant] -> samples[variant] (one set per sampling run);
+    reference_stats[evaluator] from image_shards[val]; domain_classifier from image_shards[train, val];
+    reconstruction_metrics / generation_metrics / linear_probe / mechanism_metrics[variant]; results_table.
 
 A step gets its own `Target` and its inputs' targets from the plan and never calls another step;
 `Target.require()` fails at once, naming the asset and partition to materialise first, when an
@@ -34,14 +35,17 @@ log = logging.getLogger(__name__)
 # Bump an asset's code version whenever the bytes it writes for the same config would change.
 CODE_VERSIONS = {
     "image_shards": "1",
-    "tokenizer": "1",
+    "tokenizer": "2",  # 2: the discriminator's own optimiser and schedule; Post's separate prologue encoder
     "token_dataset": "1",
     "ar_model": "1",
-    "samples": "1",
+    "sampling_tuning": "1",
+    "samples": "2",  # 2: sampled with the settings sampling_tuning selected
     "reference_stats": "1",
-    "reconstruction_metrics": "1",
-    "generation_metrics": "1",
-    "linear_probe": "1",
+    "domain_classifier": "1",
+    "reconstruction_metrics": "2",  # 2: the domain evaluator's figures and features beside EfficientNet-Lite0's
+    "generation_metrics": "2",  # 2: fd_domain, class consistency, the AR-only distance
+    "linear_probe": "2",
+    "mechanism_metrics": "1",  # 2: one-hot views beside the codebook vectors; first z visual tokens per variant
     "results_table": "1",  # its stored tables were keyed with "1" (their manifests say "2")
 }
 
@@ -180,7 +184,9 @@ class Plan:
     # -- stage 1 and 2 -----------------------------------------------------------------------------
     def tokenizer(self, variant: str) -> Target:
         model = self.profile.tokenizer_for(variant)
-        config = {"variant": variant, "model": key_dict(model), "train": key_dict(self.profile.tokenizer_train)}
+        # the separate prologue encoder's size is Prologue-Post's alone: it keys no other variant
+        model_key = {k: v for k, v in key_dict(model).items() if model.post_hoc or not k.startswith("post_")}
+        config = {"variant": variant, "model": model_key, "train": key_dict(self.profile.tokenizer_train)}
         inputs = {f"image_shards/{s}": self.shards(s).key for s in SPLITS}
         if model.post_hoc:  # Prologue-Post: the prologue path is trained on top of the trained 2D tokenizer
             inputs["tokenizer/baseline"] = self.tokenizer("baseline").key
@@ -218,10 +224,18 @@ class Plan:
         first = self.profile.sampler.seed
         return [first + i for i in range(self.profile.evaluation.sampling_runs)]
 
+    def tuning(self, variant: str) -> Target:
+        """The sampling settings searched for and selected for one variant."""
+        config = {"tuning": key_dict(self.profile.tuning), "sampler": to_dict(self.profile.sampler)}
+        inputs = {"ar_model": self.ar(variant).key, "tokenizer": self.tokenizer(variant).key,
+                  "domain_classifier": self.domain().key}  # fmt: skip
+        return _target(self.store, "sampling_tuning", variant, config, inputs)
+
     def samples(self, variant: str) -> list[Target]:
-        """One sample set per sampling run, in seed order."""
+        """One sample set per sampling run, in seed order, with the tuned settings."""
         ev = self.profile.evaluation
-        inputs = {"ar_model": self.ar(variant).key, "tokenizer": self.tokenizer(variant).key}
+        inputs = {"ar_model": self.ar(variant).key, "tokenizer": self.tokenizer(variant).key,
+                  "sampling_tuning": self.tuning(variant).key}  # fmt: skip
         out = []
         for seed in self.sampling_seeds:
             config = {
@@ -255,19 +269,59 @@ class Plan:
     def _reference_inputs(self) -> dict[str, str]:
         return {f"reference_stats/{e}": t.key for e, t in self.references().items()}
 
+    @property
+    def samples_per_set(self) -> int:
+        """Samples per guidance setting in one sample set: samples_per_class x classes."""
+        return self.profile.evaluation.samples_per_class * len(self.listing.classes)
+
+    def domain(self) -> Target:
+        """The domain classifier, its reference features (held-out train shards) and val features."""
+        config = {
+            "model": key_dict(self.profile.domain),
+            "holdout_shards": self.profile.evaluation.domain_holdout_shards,
+            "ceiling_images": self.samples_per_set,
+        }
+        inputs = {f"image_shards/{s}": self.shards(s).key for s in SPLITS}
+        return _target(self.store, "domain_classifier", None, config, inputs)
+
     def reconstruction(self, variant: str) -> Target:
-        inputs = {"tokenizer": self.tokenizer(variant).key} | self._reference_inputs()
+        inputs = {"tokenizer": self.tokenizer(variant).key, "domain_classifier": self.domain().key}
+        inputs |= self._reference_inputs()
         return _target(self.store, "reconstruction_metrics", variant, {}, inputs)
 
     def generation(self, variant: str) -> Target:
         sets = self.samples(variant)
         inputs = {"samples": sets[0].key} | self._reference_inputs()
         inputs |= {f"samples/seed{s}": t.key for s, t in zip(self.sampling_seeds[1:], sets[1:], strict=True)}
-        return _target(self.store, "generation_metrics", variant, {}, inputs)
+        inputs |= {"domain_classifier": self.domain().key, "reconstruction_metrics": self.reconstruction(variant).key}
+        config = {"feature_samples_per_class": self.profile.evaluation.feature_samples_per_class}
+        return _target(self.store, "generation_metrics", variant, config, inputs)
+
+    def probe_lengths(self, variant: str) -> list[int]:
+        """How many first visual tokens the probe reads: a prologue variant its own z_len; the baseline
+        every z_len of the profile's prologue variants (each compared at its own length)."""
+        z = self.profile.tokenizer_for(variant).z_len
+        if z:
+            return [z]
+        return sorted({self.profile.tokenizer_for(v).z_len for v in self.profile.variants} - {0}) or [
+            self.profile.tokenizer.z_len
+        ]
 
     def probe(self, variant: str) -> Target:
-        config = {"steps": self.profile.evaluation.probe_steps, "z_len": self.profile.tokenizer.z_len}
+        config = {"steps": self.profile.evaluation.probe_steps, "first_visual": self.probe_lengths(variant)}
         return _target(self.store, "linear_probe", variant, config, {"token_dataset": self.tokens(variant).key})
+
+    def mechanism(self, variant: str) -> Target:
+        ev = self.profile.evaluation
+        config = {"originals_per_class": ev.mechanism_originals, "resamples": ev.mechanism_resamples}
+        inputs = {
+            "ar_model": self.ar(variant).key,
+            "tokenizer": self.tokenizer(variant).key,
+            "token_dataset": self.tokens(variant).key,
+            "samples": self.samples(variant)[0].key,
+            "domain_classifier": self.domain().key,
+        }
+        return _target(self.store, "mechanism_metrics", variant, config, inputs)
 
     def results_inputs(self) -> dict[str, str]:
         """The table's lineage: the tokenizer and AR model of every variant."""
@@ -287,7 +341,7 @@ class Plan:
             return list(SPLITS)
         if asset == "reference_stats":
             return list(self.evaluators)
-        if asset == "results_table":
+        if asset in ("results_table", "domain_classifier"):
             return [None]
         return list(self.profile.variants)
 
@@ -299,10 +353,13 @@ class Plan:
             "tokenizer": self.tokenizer,
             "token_dataset": self.tokens,
             "ar_model": self.ar,
+            "sampling_tuning": self.tuning,
             "reference_stats": self.reference,
+            "domain_classifier": lambda _: self.domain(),
             "reconstruction_metrics": self.reconstruction,
             "generation_metrics": self.generation,
             "linear_probe": self.probe,
+            "mechanism_metrics": self.mechanism,
         }
         if asset == "samples":
             return self.samples(partition)
@@ -320,16 +377,23 @@ class Plan:
             return [("image_shards", s) for s in SPLITS] + base
         if asset == "reference_stats":
             return [("image_shards", "val")]
+        if asset == "domain_classifier":
+            return [("image_shards", s) for s in SPLITS]
         if asset == "results_table":
-            per_variant = ("tokenizer", "ar_model", "reconstruction_metrics", "generation_metrics", "linear_probe")
+            per_variant = ("tokenizer", "ar_model", "reconstruction_metrics", "generation_metrics", "linear_probe",
+                           "mechanism_metrics")  # fmt: skip
             return [(a, v) for v in self.profile.variants for a in per_variant]
         upstream = {
             "token_dataset": [("tokenizer", partition)],
             "ar_model": [("token_dataset", partition)],
-            "samples": [("ar_model", partition), ("tokenizer", partition)],
-            "reconstruction_metrics": [("tokenizer", partition), *refs],
-            "generation_metrics": [("samples", partition), *refs],
+            "sampling_tuning": [("ar_model", partition), ("tokenizer", partition), ("domain_classifier", None)],
+            "samples": [("ar_model", partition), ("tokenizer", partition), ("sampling_tuning", partition)],
+            "reconstruction_metrics": [("tokenizer", partition), ("domain_classifier", None), *refs],
+            "generation_metrics": [("samples", partition), ("reconstruction_metrics", partition),
+                                   ("domain_classifier", None), *refs],
             "linear_probe": [("token_dataset", partition)],
+            "mechanism_metrics": [("ar_model", partition), ("tokenizer", partition), ("token_dataset", partition),
+                                  ("samples", partition), ("domain_classifier", None)],
         }
         return upstream[asset]
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from modeling.ar_trainer import ARTrainConfig
 from modeling.config import NOT_IN_KEY, Config, ConfigError, from_dict, merge, parse_overrides
+from modeling.domain_classifier import DomainClassifierConfig
 from modeling.sampler import SamplerConfig
 from modeling.tokenizer import TokenizerConfig
 from modeling.tokenizer_trainer import TokenizerTrainConfig
@@ -143,18 +144,66 @@ class EvalConfig(Config):
     sampling_runs: int = 1
     """Independent sample sets per variant (sampler seeds seed, seed+1, ...); generation metrics
     are reported as mean ± std over them when > 1."""
+    feature_samples_per_class: int = 0
+    """Samples per class of each set that the ImageNet-trained evaluators (EfficientNet-Lite0,
+    InceptionV3) embed, ~40 ms an image on CPU (0: all); the domain evaluator reads every sample."""
+    domain_holdout_shards: int = 2
+    """Train shards kept out of the domain classifier's training: the reference set of every
+    fd_domain (images the classifier never saw). The val split is the tuning reference."""
+    domain_min_top1: float = 0.9
+    """Least val top-1 of the domain classifier that its blocking asset check accepts."""
+    mechanism_originals: int = 10
+    """Samples per class (no guidance) whose prologue is kept while the visual tokens are redrawn."""
+    mechanism_resamples: int = 4
+    """Visual redraws per kept prologue in the fixed-prologue resampling measurement."""
 
     def validate(self) -> None:
         for name in ("samples_per_class", "sample_shard_size", "processes", "feature_batch", "probe_steps",
-                     "sampling_runs"):
+                     "sampling_runs", "domain_holdout_shards", "mechanism_originals", "mechanism_resamples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.feature_samples_per_class < 0:
+            raise ConfigError(f"feature_samples_per_class: must be >= 0, got {self.feature_samples_per_class}")
+        if not 0 <= self.domain_min_top1 <= 1:
+            raise ConfigError(f"domain_min_top1: must be in [0, 1], got {self.domain_min_top1}")
         if self.evaluator not in EVALUATORS:
             raise ConfigError(f"evaluator: {self.evaluator!r} is not one of {', '.join(EVALUATORS)}")
         if self.inception_weights and not Path(self.inception_weights).is_file():
             raise ConfigError(f"inception_weights: no file at {self.inception_weights}")
         if self.reference_images < 0:
             raise ConfigError(f"reference_images: must be >= 0, got {self.reference_images}")
+
+
+@dataclass
+class TuningConfig(Config):
+    samples_per_class: int = 20
+    """Samples per class at each grid point (sampler seed `seed`, not the reported samples')."""
+    temperatures: list[float] = field(default_factory=lambda: [0.8, 0.9, 1.0])
+    """No guidance: prologue variants search T_prologue x T_visual over these; the baseline (no
+    prologue positions) searches T_visual over as many evenly spaced values between their min and max,
+    so that every variant gets a grid of the same size."""
+    cfg_prologue: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8])
+    """Guidance, prologue variants: constant scale on the prologue positions (x cfg_visual_max)."""
+    cfg_visual_max: list[float] = field(default_factory=lambda: [1.5, 2.5, 3.5])
+    """Guidance: s_max of the visual cosine ramp (prologue variants: x cfg_prologue; the baseline:
+    x cfg_power, the same number of points)."""
+    cfg_power: list[float] = field(default_factory=lambda: [0.2, 1.0, 1.5])
+    """Guidance, the baseline: exponent p of the visual ramp (x cfg_visual_max)."""
+    seed: int = 1000
+    """Sampler seed of the tuning samples."""
+
+    def validate(self) -> None:
+        if self.samples_per_class < 1:
+            raise ConfigError(f"samples_per_class: must be >= 1, got {self.samples_per_class}")
+        for name in ("temperatures", "cfg_prologue", "cfg_visual_max", "cfg_power"):
+            values = getattr(self, name)
+            if not values or any(v <= 0 for v in values):
+                raise ConfigError(f"{name}: need one or more values > 0, got {values}")
+        if len(self.cfg_prologue) != len(self.cfg_power):
+            raise ConfigError(
+                f"cfg_power: {len(self.cfg_power)} values, cfg_prologue {len(self.cfg_prologue)}: the baseline's "
+                "guidance grid (s_max x power) must be as large as the prologue variants' (cfg_prologue x s_max)"
+            )
 
 
 @dataclass
@@ -201,6 +250,11 @@ class Profile(Config):
     """Sampling: guidance schedule, temperatures, top-k/top-p, batch and run seed."""
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation protocol: sample counts, evaluator, reference set, linear probe budget."""
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    """Sampling settings searched per variant (same grid size for every variant), selected by
+    FD-domain against the val split (disjoint from the reporting reference)."""
+    domain: DomainClassifierConfig = field(default_factory=DomainClassifierConfig)
+    """The domain evaluator: a small classifier of the data set's classes trained on its train shards."""
     operations: OperationsConfig = field(default_factory=OperationsConfig)
     """Automation and integrity checks: retraining schedule, new-data sensor, check thresholds."""
 
@@ -212,6 +266,12 @@ class Profile(Config):
                 variant_tokenizer(self.tokenizer, v)
             except ConfigError as e:
                 raise ConfigError(f"variants: {e}") from None
+        shards = -(-self.data.train.limit // self.data.shard_size) if self.data.train.limit else None
+        if shards is not None and self.evaluation.domain_holdout_shards >= shards:
+            raise ConfigError(
+                f"evaluation.domain_holdout_shards: {self.evaluation.domain_holdout_shards} of the "
+                f"{shards} train shards leaves the domain classifier nothing to train on"
+            )
         if self.tokenizer.image_size != self.data.resolution:
             raise ConfigError(
                 f"tokenizer.image_size: {self.tokenizer.image_size} differs from data.resolution "
@@ -243,7 +303,7 @@ def variant_tokenizer(prologue: TokenizerConfig, variant: str) -> TokenizerConfi
 
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
-        "version": 1,
+        "version": 2,
         "description": "seconds on 2 cores: a slice of Fashion-MNIST, for tests",
         # 30 tokenizer steps leave the codebooks barely warmed up: the usage check only catches collapse
         "operations": {"codebook_usage_floor": 0.1},
@@ -267,6 +327,9 @@ PROFILES: dict[str, dict[str, Any]] = {
             "prior_width": 32,
             "prior_depth": 1,
             "prior_heads": 2,
+            "post_width": 32,
+            "post_depth": 1,
+            "post_heads": 2,
         },
         "tokenizer_train": {
             "steps": 30,
@@ -295,10 +358,15 @@ PROFILES: dict[str, dict[str, Any]] = {
             "shuffle_rows": 256,
         },
         "sampler": {"batch_size": 64},
-        "evaluation": {"samples_per_class": 12, "sample_shard_size": 8, "probe_steps": 50},
+        # 384 training images, seconds of training: ~73 % val top-1, enough to check the plumbing
+        "evaluation": {"samples_per_class": 12, "sample_shard_size": 8, "probe_steps": 50,
+                       "domain_holdout_shards": 1, "domain_min_top1": 0.5},
+        "domain": {"width": 8, "feature_dim": 32, "epochs": 10, "batch_size": 32},
+        "tuning": {"samples_per_class": 2, "temperatures": [0.9, 1.0], "cfg_prologue": [0.7, 0.8],
+                   "cfg_visual_max": [1.5, 2.5], "cfg_power": [0.2, 1.0]},
     },
     "fashion32": {
-        "version": 2,
+        "version": 3,
         "description": "the default demo: all of Fashion-MNIST padded to 32x32 RGB",
         "data": {"shard_size": 5000},
         "tokenizer": {
@@ -315,6 +383,9 @@ PROFILES: dict[str, dict[str, Any]] = {
             "prior_width": 96,
             "prior_depth": 2,
             "prior_heads": 4,
+            "post_width": 64,
+            "post_depth": 3,
+            "post_heads": 4,
         },
         "tokenizer_train": {
             "steps": 1500,
@@ -327,12 +398,14 @@ PROFILES: dict[str, dict[str, Any]] = {
             "log_every": 25,
             "eval_images": 2000,
         },
+        # 3 epochs over the 50,000 train images outside the held-out reference: ~91 % val top-1
+        "domain": {"epochs": 3},
         "ar_train": {"size": "fashion32", "steps": 800, "batch_size": 64, "ema_decay": 0.995, "checkpoint_every": 200},
         # EfficientNet-Lite0 at 224x224 embeds ~25 images/s on 2 CPU cores: small evaluation sets here
         "evaluation": {"samples_per_class": 100, "sample_shard_size": 100, "reference_images": 1000},
     },
     "imagenet256-b": {
-        "version": 1,
+        "version": 2,
         "description": "the paper's Base setting on ImageNet 256 (GPU cluster; set data.*.url)",
         "data": {
             "train": {"kind": "folder", "url": "/data/imagenet"},
@@ -358,6 +431,9 @@ PROFILES: dict[str, dict[str, Any]] = {
             "prior_width": 512,
             "prior_depth": 7,
             "prior_heads": 8,
+            "post_width": 512,
+            "post_depth": 10,
+            "post_heads": 8,
         },
         "tokenizer_train": {
             "steps": 500000,
@@ -373,7 +449,9 @@ PROFILES: dict[str, dict[str, Any]] = {
             "loader_workers": 8,
         },
         "tokens": {"augment": "tencrop_flip", "batch_size": 512, "processes": 8},
-        "evaluation": {"samples_per_class": 50, "sample_shard_size": 50, "processes": 8, "feature_batch": 250},
+        # a small CNN at 256x256 is a weak evaluator of ImageNet: reported, not gated (InceptionV3 is the reference)
+        "evaluation": {"samples_per_class": 50, "sample_shard_size": 50, "processes": 8, "feature_batch": 250,
+                       "domain_min_top1": 0.0},
         "ar_train": {
             "size": "B",
             "steps": 500000,
@@ -398,7 +476,8 @@ PROFILES["fashion32-full"] = merge(
         "version": 1,
         "description": "the paper's comparison at small scale: fashion32 + Prologue-Post + z_len 2/8, 3 sampling runs",
         "variants": ["baseline", "prologue", "prologue_post", "prologue_z2", "prologue_z8"],
-        "evaluation": {"sampling_runs": 3},
+        # 10,000 samples per set for the domain evaluator; EfficientNet-Lite0 embeds the first 1,000
+        "evaluation": {"sampling_runs": 3, "samples_per_class": 1000, "feature_samples_per_class": 100},
     },
 )
 

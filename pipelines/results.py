@@ -18,9 +18,13 @@ import pyarrow.parquet as pq
 
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.store import StepResult
+from pipelines.tuning import sampler_label
 
 ASSET = "results_table"
 log = logging.getLogger(__name__)
+
+
+DOMAIN_FIGURES = ("fd_domain", "class_consistency", "fd_domain_ar_only")
 
 
 def _generation_columns(ev: str) -> list[tuple[str, str, str]]:
@@ -32,6 +36,7 @@ def _generation_columns(ev: str) -> list[tuple[str, str, str]]:
         (f"is_{ev}_nocfg", "nocfg", f"is_{ev}_mean"),
         (f"precision_{ev}_cfg", "cfg", f"precision_{ev}"),
         (f"recall_{ev}_cfg", "cfg", f"recall_{ev}"),
+        *[(f"{k}_{g}", g, k) for k in DOMAIN_FIGURES for g in ("cfg", "nocfg")],
     ]
 
 
@@ -42,7 +47,10 @@ def _row(plan: Plan, variant: str) -> dict[str, Any]:
     gen = plan.generation(variant).require().metrics
     probe = plan.probe(variant).require().metrics
     ev = plan.profile.evaluation.evaluator
-    probe_on = "prologue" if "prologue" in probe else "first_visual"
+    z = plan.profile.tokenizer_for(variant).z_len or plan.profile.tokenizer.z_len
+    probe_on = "prologue" if "prologue" in probe else f"first_visual_z{z}"
+    first = {int(k.split("_z")[1]): v["top1"] for k, v in probe.items() if k.startswith("first_visual_z")
+             and not k.endswith("_onehot")}  # fmt: skip
     spread = {}  # sample std over sampling runs, when there are several
     if "over_seeds" in gen:
         spread = {f"{name}_std": gen["over_seeds"][g][key]["std"] for name, g, key in _generation_columns(ev)}
@@ -66,9 +74,13 @@ def _row(plan: Plan, variant: str) -> dict[str, Any]:
         "sampling_runs": len(gen.get("seeds", [0])),
         **inception,
         "probe_top1": probe[probe_on]["top1"],
-        "probe_on": probe_on,
-        "probe_tokens": plan.profile.tokenizer_for(variant).z_len or plan.profile.tokenizer.z_len,
+        "probe_onehot_top1": probe[f"{probe_on}_onehot"]["top1"],
+        "probe_on": probe_on.split("_z")[0],
+        "probe_tokens": z,
+        "probe_first_visual_top1": {str(k): v for k, v in sorted(first.items())},
         "probe_all_visual_top1": probe["all_visual"]["top1"],
+        **_domain_mechanism_tuning(plan, variant, rec),
+        "tokenizer_trainable_parameters": tok.metrics["trainable_parameters"],
         "tokenizer_steps": tok.counts.steps,
         "ar_parameters": ar.counts.parameters,
         "ar_steps": ar.counts.steps,
@@ -79,53 +91,101 @@ def _row(plan: Plan, variant: str) -> dict[str, Any]:
     }
 
 
+def _domain_mechanism_tuning(plan: Plan, variant: str, rec: dict[str, Any]) -> dict[str, Any]:
+    """The domain evaluator's ceilings, the mechanism figures and the selected sampling settings."""
+    mech = plan.mechanism(variant).require().metrics
+    tuned = plan.tuning(variant).require().metrics
+    domain = plan.domain().require().metrics
+    return {
+        "recon_fd_domain": rec["domain"]["fd_domain"],
+        "recon_class_consistency": rec["domain"]["class_consistency"],
+        "real_fd_domain": domain["ceiling"]["fd_domain"],
+        "real_class_consistency": domain["ceiling"]["class_consistency"],
+        "domain_images": domain["ceiling"]["images"],
+        "domain_val_top1": domain["val_top1"],
+        "domain_reference_images": domain["reference_images"],
+        **{f"ar_visual_ce_{k}": v for k, v in mech.get("ar_visual_ce", {}).items()},
+        **{f"prior_visual_ce_{k}": v for k, v in mech.get("prior_visual_ce", {}).items()},
+        "same_class_pair_rate": mech["same_class_pair_rate"],
+        "resample_keep_rate": mech.get("resample_keep_rate"),
+        "resampled": mech.get("resampled", 0),
+        "sampler_nocfg": sampler_label(tuned["selected"]["nocfg"]),
+        "sampler_cfg": sampler_label(tuned["selected"]["cfg"]),
+        "tuning_points": tuned["points"]["nocfg"] + tuned["points"]["cfg"],
+        "tuning_samples_per_point": tuned["samples_per_point"],
+    }
+
+
 def _probed(row: dict[str, Any]) -> str:
     n = row["probe_tokens"]
     return f"{n} prologue" if row["probe_on"] == "prologue" else f"first {n} visual"
 
 
+def _cell(r: dict[str, Any], key: str, digits: int = 2) -> str:
+    """A value with ± its std over sampling runs (if any); '—' where the variant has none."""
+    if r.get(key) is None:
+        return "—"
+    std = r.get(f"{key}_std")
+    return f"{r[key]:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def markdown(rows: list[dict[str, Any]], ev: str) -> str:
-    head = [
-        "variant",
-        f"rFD-{ev}",
-        "PSNR dB",
-        f"gFD-{ev} CFG",
-        f"gFD-{ev} no CFG",
-        f"IS-{ev} CFG",
-        f"P / R-{ev} CFG",
-        "probe top-1",
-        "AR val CE visual",
-        "AR params",
-        "steps tok / AR",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-
-        def pm(key: str, digits: int = 2, r=r) -> str:  # value, with ± std over sampling runs if any
-            std = r.get(f"{key}_std")
-            return f"{r[key]:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
-
-        cells = [
-            r["variant"],
-            f"{r[f'rfd_{ev}']:.2f}",
-            f"{r['psnr_db']:.2f}",
-            pm(f"gfd_{ev}_cfg"),
-            pm(f"gfd_{ev}_nocfg"),
-            pm(f"is_{ev}_cfg"),
-            f"{pm(f'precision_{ev}_cfg', 3)} / {pm(f'recall_{ev}_cfg', 3)}",
-            f"{100 * r['probe_top1']:.1f}% ({_probed(r)})",
-            f"{r['ar_val_ce_visual']:.3f}",
-            f"{r['ar_parameters'] / 1e6:.2f}M",
-            f"{r['tokenizer_steps']} / {r['ar_steps']}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    """Three tables: ImageNet-feature metrics, the domain evaluator's, and the mechanism figures."""
+    lines = _table(
+        ["variant", f"rFD-{ev}", "PSNR dB", f"gFD-{ev} CFG", f"gFD-{ev} no CFG", f"IS-{ev} CFG", f"P / R-{ev} CFG",
+         "AR val CE visual", "AR params", "tok trainable", "steps tok / AR"],
+        [[r["variant"], f"{r[f'rfd_{ev}']:.2f}", f"{r['psnr_db']:.2f}", _cell(r, f"gfd_{ev}_cfg"),
+          _cell(r, f"gfd_{ev}_nocfg"), _cell(r, f"is_{ev}_cfg"),
+          f"{_cell(r, f'precision_{ev}_cfg', 3)} / {_cell(r, f'recall_{ev}_cfg', 3)}", f"{r['ar_val_ce_visual']:.3f}",
+          f"{r['ar_parameters'] / 1e6:.2f}M", f"{r['tokenizer_trainable_parameters'] / 1e6:.3f}M",
+          f"{r['tokenizer_steps']} / {r['ar_steps']}"] for r in rows],
+    )  # fmt: skip
     r = rows[0]
     lines.append(
         f"\n{r['samples_per_guidance']} samples per guidance setting and variant"
         + (f" in each of {r['sampling_runs']} sampling runs (mean ± sample std)" if r["sampling_runs"] > 1 else "")
-        + "; reference: the first "
-        f"{r['reference_images']} val images (stats sha256 {r['reference_sha256']}…); evaluator {ev} "
-        "(EfficientNet-Lite0 features, not InceptionV3: these are not FID/IS values)."
+        + f"; reference: the first {r['reference_images']} val images (stats sha256 {r['reference_sha256']}…); "
+        f"evaluator {ev} (EfficientNet-Lite0 features, not InceptionV3: these are not FID/IS values).\n"
+    )
+    lines += _table(
+        ["variant", "FD-domain recon", "consistency recon", "FD-domain CFG", "FD-domain no CFG", "consistency CFG",
+         "consistency no CFG", "AR-only FD-domain CFG", "AR-only FD-domain no CFG"],
+        [[r["variant"], f"{r['recon_fd_domain']:.2f}", f"{r['recon_class_consistency']:.3f}",
+          _cell(r, "fd_domain_cfg"), _cell(r, "fd_domain_nocfg"), _cell(r, "class_consistency_cfg", 3),
+          _cell(r, "class_consistency_nocfg", 3), _cell(r, "fd_domain_ar_only_cfg"),
+          _cell(r, "fd_domain_ar_only_nocfg")] for r in rows],
+    )  # fmt: skip
+    lines.append(
+        f"\nDomain evaluator: a CNN trained on the train shards (val top-1 {r['domain_val_top1']:.3f}); FD-domain "
+        f"against {r['domain_reference_images']} held-out train images; {r['domain_images']} images per set "
+        f"(samples; the first val images and their reconstructions). Real val images (ceiling): FD-domain "
+        f"{r['real_fd_domain']:.2f}, consistency {r['real_class_consistency']:.3f}. AR-only: samples against the "
+        "variant's own val reconstructions.\n"
+    )
+    conditions = ("true", "shuffled_within_class", "shuffled_across_images", "constant")
+    lines += _table(
+        ["variant", "probe top-1 codebook / one-hot", "AR visual CE: true / within-class / across / constant",
+         "prior visual CE: true / within-class / across / constant", "resample keeps class", "same-class pairs"],
+        [[r["variant"], f"{100 * r['probe_top1']:.1f}% / {100 * r['probe_onehot_top1']:.1f}% ({_probed(r)})",
+          " / ".join(_cell(r, f"ar_visual_ce_{c}", 3) for c in conditions),
+          " / ".join(_cell(r, f"prior_visual_ce_{c}", 3) for c in conditions),
+          _cell(r, "resample_keep_rate", 3), f"{r['same_class_pair_rate']:.3f}"] for r in rows],
+    )  # fmt: skip
+    lines.append(
+        "\nProbe: logistic regression on each variant's own tokens (the baseline: its first z visual tokens, "
+        "z the prologue length compared). CE per visual token on all val rows. Resampling: "
+        f"{max(x['resampled'] for x in rows) or 'no'} fixed-prologue redraws classified like their original "
+        "(domain classifier), against two random no-guidance samples of one class classified alike.\n"
+    )
+    lines += _table(["variant", "sampling no CFG (selected)", "sampling CFG (selected)", "grid points"],
+                    [[r["variant"], r["sampler_nocfg"], r["sampler_cfg"], str(r["tuning_points"])] for r in rows])
+    lines.append(
+        f"\nEach variant searched a grid of the same size, {r['tuning_samples_per_point']} samples per point "
+        "(tuning seed), scored by FD-domain against the val split (disjoint from the reporting reference)."
     )
     return "\n".join(lines) + "\n"
 
@@ -133,6 +193,8 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
 def results_table(plan: Plan, partition: None = None, *, on_log=log.info, progress: bool = False) -> StepResult:
     """The table of every variant of the plan; its key hashes the rows, so new numbers are a new table."""
     rows = [_row(plan, v) for v in plan.profile.variants]
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # every row gets every column (Parquet schema)
+    rows = [{k: r.get(k) for k in columns} for r in rows]
     target = plan.results(rows)
     return cached_or_run(target, lambda: _write(plan, target, rows), on_log)
 

@@ -24,18 +24,32 @@ Step = Callable[..., StepResult | list[StepResult]]  # (plan, partition, *, on_l
 
 def steps() -> dict[str, Step]:
     """Every asset's step function, by asset name (imported here, never by another step)."""
-    from pipelines import evaluate, results, sampling, sharding, token_export, train_ar, train_tokenizer
+    from pipelines import (
+        domain,
+        evaluate,
+        mechanism,
+        results,
+        sampling,
+        sharding,
+        token_export,
+        train_ar,
+        train_tokenizer,
+        tuning,
+    )
 
     return {
         "image_shards": sharding.shard_split,
         "tokenizer": train_tokenizer.train_tokenizer,
         "token_dataset": token_export.export_tokens,
         "ar_model": train_ar.train_ar,
+        "sampling_tuning": tuning.sampling_tuning,
         "samples": sampling.generate_samples,
         "reference_stats": evaluate.reference_stats,
+        "domain_classifier": domain.domain_classifier,
         "reconstruction_metrics": evaluate.reconstruction_metrics,
         "generation_metrics": evaluate.generation_metrics,
         "linear_probe": evaluate.linear_probe,
+        "mechanism_metrics": mechanism.mechanism_metrics,
         "results_table": results.results_table,
     }
 

@@ -13,9 +13,10 @@ written as a WebDataset tar `samples/<guidance>-c<class>-<chunk>.tar` of lossles
 
 Sample i of class c has seed `sample_seed(sampler.seed, c, i)`, recorded in its json, so any sample
 can be regenerated alone. Finished tasks are recorded as parts: a killed run continues where it
-stopped, without duplicates. Guidance `cfg` uses the profile's sampler schedule, `nocfg` the same
-sampler with guidance off. The parent then draws the per-class grids (and, for the prologue
-variant, a "fixed prologue, resampled visual tokens" grid) and commits the manifest.
+stopped, without duplicates. Guidance `cfg` and `nocfg` use the settings `sampling_tuning[variant]`
+selected (split guidance, and guidance off), with this run's seed. The parent then draws the
+per-class grids (and, for the prologue variant, a "fixed prologue, resampled visual tokens" grid)
+and commits the manifest.
 
 Standalone: `python -m pipelines.sampling --profile fashion32 --variant prologue`.
 """
@@ -29,7 +30,7 @@ from dataclasses import replace
 
 import torch
 
-from modeling.config import from_dict
+from modeling.config import from_dict, to_dict
 from modeling.sampler import SamplerConfig
 from pipelines.images import grid_png
 from pipelines.launch import launch_worker
@@ -43,11 +44,6 @@ from pipelines.store import Artifact, StepResult
 ASSET = "samples"
 GUIDANCE = ("cfg", "nocfg")
 log = logging.getLogger(__name__)
-
-
-def guided(sampler, guidance: str):
-    """The sampler config of one guidance setting: the profile's (cfg) or guidance off (nocfg)."""
-    return sampler if guidance == "cfg" else replace(sampler, cfg_schedule="none")
 
 
 def tasks(num_classes: int, per_class: int, shard_size: int) -> list[tuple[str, str, int, int, int]]:
@@ -73,10 +69,12 @@ def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
     ar, tok = plan.ar(variant), plan.tokenizer(variant)
     ar.require()
     tok_manifest = tok.require()
+    selected = plan.tuning(variant).require().metrics["selected"]
     classes = plan.tokens(variant).require().classes
     ev, artifact = plan.profile.evaluation, target.artifact
-    sampler = from_dict(SamplerConfig, target.config["sampler"])
-    spec = {**target.config, "inputs": target.inputs, "num_classes": len(classes), "batch_size": sampler.batch_size}
+    seed = target.config["sampler"]["seed"]  # this run's seed; the other settings are the tuned ones
+    samplers = {g: to_dict(replace(from_dict(SamplerConfig, selected[g]), seed=seed)) for g in GUIDANCE}
+    spec = {**target.config, "inputs": target.inputs, "num_classes": len(classes), "samplers": samplers}
     spec_record = artifact.put_json("spec.json", spec)
     launch_worker("sampling", plan.store, artifact.key, ev.processes, progress, on_log)
     parts = artifact.parts()
@@ -94,7 +92,8 @@ def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
         layout[g] += list(part["files"])
         counts[g][classes[c]] += part["samples"]
         seeds[g].update(part["seeds"])
-    for rel, png in _grids(artifact, layout, ar.artifact, tok.artifact, classes, sampler).items():
+    nocfg = from_dict(SamplerConfig, samplers["nocfg"])
+    for rel, png in _grids(artifact, layout, ar.artifact, tok.artifact, classes, nocfg).items():
         files[rel] = artifact.put_bytes(rel, png).__dict__
     return artifact.commit(
         files,
@@ -111,6 +110,7 @@ def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
         },
         image={"size": tok_manifest.config["model"]["image_size"], "format": "png"},
         seed_rule="blake2b-8(f'{sampler.seed}/{class}/{index}') >> 1 (modeling.sampler.sample_seed)",
+        samplers=samplers,
     )
 
 

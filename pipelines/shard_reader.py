@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -115,11 +115,38 @@ def image_loader(
     world_size: int | None = None,
     shuffle: int = 0,
     seed: int = 0,
+    shards: list[str] | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader of (images uint8 [B, 3, H, W], labels [B]) batches from the store."""
-    ds = image_dataset(artifact, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed)
+    """A DataLoader of (images uint8 [B, 3, H, W], labels [B]) batches from the store (`shards`: only
+    those shard files)."""
+    ds = image_dataset(artifact, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, shards=shards)
     ds.append(wds.batched(batch_size, partial=True))
     # its own generator: creating an iterator must not draw from the global RNG, or resuming
     # training mid-epoch would shift every later random draw (dropout, masks) of the trainer
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
                                        generator=torch.Generator().manual_seed(seed))
+
+
+def sample_set_images(artifact: Artifact, manifest, guidance: str, per_class: int = 0) -> Iterator[tuple]:
+    """(image uint8 [3, H, W], label) of one guidance setting of a `samples` artefact (its typed
+    manifest); per_class > 0 keeps the first per_class of each class (shards hold each class's
+    samples in index order)."""
+    rels = manifest.layout[guidance]
+    sub = {"shards": rels, "files": {r: {"size": manifest.files[r].size} for r in rels}}
+    seen: dict[int, int] = {}
+    for image, label in image_dataset(artifact, sub, rank=0, world_size=1):
+        seen[label] = seen.get(label, 0) + 1
+        if not per_class or seen[label] <= per_class:
+            yield image, label
+
+
+def labelled_batches(items: Iterable[tuple[torch.Tensor, int]], n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, label) pairs -> (images [B, 3, H, W], labels [B]) batches of up to n."""
+    chunk: list[tuple[torch.Tensor, int]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield torch.stack([im for im, _ in chunk]), torch.tensor([int(y) for _, y in chunk])
+            chunk = []
+    if chunk:
+        yield torch.stack([im for im, _ in chunk]), torch.tensor([int(y) for _, y in chunk])

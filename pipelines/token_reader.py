@@ -194,3 +194,20 @@ def token_loader(
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(stream.seed)
     )
+
+
+def split_rows(artifact: Artifact, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labels [N], prologue [N, Z], visual [N, L]) int64 of one split of a `token_dataset`, original
+    views only (aug 0), in storage order (read whole: for evaluation, not training)."""
+
+    def column(t, name: str) -> torch.Tensor:
+        flat = t.column(name).combine_chunks().flatten().to_numpy().astype(np.int64)
+        return torch.from_numpy(flat).view(t.num_rows, -1)
+
+    parts = []
+    for f in artifact.manifest()["layout"]["parquet"][split]:
+        with artifact.store.open_url(artifact.file_uri(f["file"])) as stream:
+            t = pq.read_table(stream, columns=["label", "aug", "prologue", "visual"], filters=[("aug", "=", 0)])
+        parts.append((torch.from_numpy(t.column("label").to_numpy().astype(np.int64)), column(t, "prologue"),
+                      column(t, "visual")))  # fmt: skip
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))

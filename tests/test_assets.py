@@ -44,7 +44,7 @@ def test_materialise_both_splits_then_reuse(backend, tmp_path, fashion_mnist, re
             assert md[f"{split}_samples"] == n and md[f"{split}_corrupt_skipped"] == 0
             assert md[f"{split}_reused_existing"] is False
             assert md[f"{split}_preview"].startswith("![") and "data:image/png;base64," in md[f"{split}_preview"]
-        assert md["profile"] == "tiny@1" and md["train_cache_key"] != md["val_cache_key"]
+        assert md["profile"] == "tiny@2" and md["train_cache_key"] != md["val_cache_key"]
         [check] = result.get_asset_check_evaluations()
         assert check.check_name == "shards_intact" and check.passed
         again = _metadata(materialize([image_shards], resources=resources, instance=instance))

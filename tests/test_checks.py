@@ -92,3 +92,21 @@ def test_nan_tensor_helper_really_writes_a_nan(tmp_path):
     path.write_bytes(save({"a": torch.ones(3), "b": torch.zeros(2, dtype=torch.int64)}))
     _poison(path)
     assert torch.isnan(load(path.read_bytes())["a"]).sum() == 1
+
+
+def test_domain_accuracy_fails_below_its_floor(tiny_graph):
+    """The floor is a check threshold, not a training setting: the same stored classifier passes at
+    the tiny floor and fails a floor above its val top-1."""
+    from assets.evaluation import domain_classifier
+    from pipelines.store import Store
+
+    top1 = tiny_plan(Store(str(tiny_graph.root))).domain().require().metrics["val_top1"]
+    assert top1 < 0.99
+    for floor, passes in ((0.0, True), (top1 + 0.01, False)):
+        resources = tiny_resources(tiny_graph.root, [f"evaluation.domain_min_top1={floor}"])
+        result = materialize([domain_classifier], instance=DagsterInstance.ephemeral(), resources=resources,
+                             raise_on_error=False)  # fmt: skip
+        [evaluation] = result.get_asset_check_evaluations()
+        assert evaluation.passed is passes, (floor, top1)
+        if not passes:
+            assert "below the floor" in evaluation.metadata["problems"].value["domain_classifier"][0]

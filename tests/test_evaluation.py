@@ -15,9 +15,11 @@ import torch
 from dagster import AssetSelection, materialize
 from PIL import Image
 
+from modeling.config import from_dict
+from modeling.sampler import SamplerConfig
 from pipelines.plan import MissingInput
 from pipelines.profiles import load_profile
-from pipelines.sampling import generate_samples, guided, protocol_problems
+from pipelines.sampling import generate_samples, protocol_problems
 from pipelines.store import Store
 from tests.conftest import tiny_plan, tiny_resources
 
@@ -51,7 +53,8 @@ def test_rerun_of_the_whole_graph_with_nothing_new_trains_nothing(full_run, tiny
     result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, resources=tiny_resources(root))
     assert result.success
     mats = _materialisations(result)
-    assert len(mats) == 1 + 1 + 7 * 2 + 1  # shards, reference stats, 7 variant assets x 2 partitions, table
+    # shards, reference stats, domain classifier, 9 variant assets x 2 partitions, table
+    assert len(mats) == 1 + 1 + 1 + 9 * 2 + 1
     for (name, _), md in mats.items():
         reused = [v for k, v in md.items() if k.endswith("reused_existing")]
         assert reused and all(reused), name
@@ -71,7 +74,13 @@ def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
         assert r["rfd_effnetlite0"] > 0 and r["gfd_effnetlite0_cfg"] > 0 and r["gfd_effnetlite0_nocfg"] > 0
         assert 0 <= r["probe_top1"] <= 1 and r["samples_per_guidance"] == 120 and r["reference_images"] == 128
         assert not any("fid" in k for k in r)  # no EfficientNet number under an Inception name
+        assert 0 <= r["class_consistency_cfg"] <= 1 and r["fd_domain_nocfg"] >= 0 and r["fd_domain_ar_only_cfg"] >= 0
+        assert r["recon_fd_domain"] >= 0 and r["real_class_consistency"] == table[0]["real_class_consistency"]
+        assert r["tuning_points"] == 4 + 4 and r["sampler_nocfg"].startswith("T ") and "s_max" in r["sampler_cfg"]
+        assert 0 <= r["same_class_pair_rate"] <= 1
     assert [r["probe_on"] for r in table] == ["first_visual", "prologue"]  # like for like: z_len tokens each
+    assert table[0]["resample_keep_rate"] is None and 0 <= table[1]["resample_keep_rate"] <= 1
+    assert table[0]["ar_visual_ce_true"] is None and table[1]["ar_visual_ce_true"] > 0
     md = (art / "results.md").read_text()
     assert "not FID" in md and "| prologue |" in md
     assert f"(first {table[0]['probe_tokens']} visual)" in md and f"({table[1]['probe_tokens']} prologue)" in md
@@ -103,8 +112,8 @@ def test_evaluation_group_reruns_no_upstream_step_and_reuses_samples(full_run, t
     assert all(_reused(m) for m in md.values())
     assert _mtimes(root, upstream) == before  # nothing upstream was rewritten, nothing trained
 
-    # a new sampler setting: new samples and generation metrics, nothing else, still no training (one
-    # variant: the table, which needs every variant's, is left out of this selection)
+    # a new tuning grid: new tuning, samples, generation and mechanism metrics, nothing else, still no
+    # training (one variant: the table, which needs every variant's, is left out of this selection)
     shutil.copytree(root, tmp_path / "copy")
     copy = tmp_path / "copy"
     before = _mtimes(copy, upstream)
@@ -112,17 +121,20 @@ def test_evaluation_group_reruns_no_upstream_step_and_reuses_samples(full_run, t
         evaluation,
         partition_key="prologue",
         instance=instance,
-        resources=tiny_resources(copy, ["sampler.temperature_visual=0.7"]),
+        resources=tiny_resources(copy, ["tuning.samples_per_class=3"]),
         selection=AssetSelection.groups("evaluation") - AssetSelection.assets("results_table"),
     )
     assert changed.success
     md = _materialisations(changed)
-    assert not _reused(md[("samples", "prologue")]) and not _reused(md[("generation_metrics", "prologue")])
-    assert _reused(md[("reconstruction_metrics", "prologue")]) and _reused(md[("linear_probe", "prologue")])
-    assert _reused(md[("reference_stats", None)]) and ("results_table", None) not in md
+    for name in ("sampling_tuning", "samples", "generation_metrics", "mechanism_metrics"):
+        assert not _reused(md[(name, "prologue")]), name
+    for name in ("reconstruction_metrics", "linear_probe"):
+        assert _reused(md[(name, "prologue")]), name
+    assert _reused(md[("reference_stats", None)]) and _reused(md[("domain_classifier", None)])
+    assert ("results_table", None) not in md
     assert _mtimes(copy, upstream) == before
     checks = [e for e in changed.get_asset_check_evaluations()]
-    assert {c.check_name for c in checks} == {"sampling_protocol", "reference_checksum"} and all(
+    assert {c.check_name for c in checks} == {"sampling_protocol", "reference_checksum", "domain_accuracy"} and all(
         c.passed for c in checks
     )
 
@@ -145,7 +157,9 @@ def test_any_sample_regenerates_alone(full_run):
     meta = json.loads(stored[2]["json"])
     model = load_ar(store.artifact("ar_model", r.manifest.lineage["ar_model"]))
     tokenizer = load_tokenizer(store.artifact("tokenizer", r.manifest.lineage["tokenizer"]))
-    codes = sample(model, torch.tensor([meta["class"]]), torch.tensor([meta["seed"]]), guided(profile.sampler, "nocfg"))
+    nocfg = from_dict(SamplerConfig, r.manifest.samplers["nocfg"])  # the tuned no-guidance settings
+    assert nocfg.cfg_schedule == "none" and nocfg.seed == profile.sampler.seed
+    codes = sample(model, torch.tensor([meta["class"]]), torch.tensor([meta["seed"]]), nocfg)
     assert codes["prologue"][0].tolist() == meta["prologue"]
     with torch.no_grad():
         image = ((tokenizer.decode_codes(codes["visual"]).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

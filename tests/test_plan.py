@@ -83,9 +83,10 @@ def test_no_long_functions_in_pipelines():
 def _keys(plan: Plan) -> dict:
     keys = {plan.shards(s).label: plan.shards(s).key for s in ("train", "val")}
     keys |= {plan.reference(e).label: plan.reference(e).key for e in plan.evaluators}
+    keys[plan.domain().label] = plan.domain().key
     for v in plan.profile.variants:
-        for asset in ("tokenizer", "token_dataset", "ar_model", "samples", "reconstruction_metrics",
-                      "generation_metrics", "linear_probe"):  # fmt: skip
+        for asset in ("tokenizer", "token_dataset", "ar_model", "sampling_tuning", "samples", "reconstruction_metrics",
+                      "generation_metrics", "linear_probe", "mechanism_metrics"):  # fmt: skip
             targets = plan.targets(asset, v)
             keys[targets[0].label] = [t.key for t in targets] if asset == "samples" else targets[0].key
     return keys
@@ -106,9 +107,10 @@ def test_the_whole_graph_lists_the_source_once_and_records_each_partition(tiny_g
     mats = [e.dagster_event.event_specific_data.materialization for e in events
             if e.dagster_event is not None and e.dagster_event.is_step_materialization]  # fmt: skip
     seen = [(m.asset_key.to_user_string(), m.partition) for m in mats]
-    variant_assets = ("tokenizer", "token_dataset", "ar_model", "samples", "reconstruction_metrics",
+    variant_assets = ("tokenizer", "token_dataset", "ar_model", "sampling_tuning", "samples", "mechanism_metrics",
+                      "reconstruction_metrics",
                       "generation_metrics", "linear_probe")  # fmt: skip
-    expected = {("image_shards", None), ("reference_stats", None), ("results_table", None)}
+    expected = {("image_shards", None), ("reference_stats", None), ("domain_classifier", None), ("results_table", None)}
     expected |= {(a, v) for a in variant_assets for v in ("baseline", "prologue")}
     assert sorted(seen, key=str) == sorted(expected, key=str)  # exactly one each
     for m in mats:  # each partition built by its own step (nothing reused), with its own step time
@@ -164,20 +166,25 @@ def test_runner_announces_and_runs_only_the_missing_steps(tiny_copy):
     ("pipelines.train_tokenizer", ["--variant", "prologue"], "val PSNR"),
     ("pipelines.token_export", ["--variant", "baseline"], "1024 train / 128 val rows"),
     ("pipelines.train_ar", ["--variant", "prologue"], "val ce_visual"),
+    ("pipelines.domain", [], "val top-1"),
+    ("pipelines.tuning", ["--variant", "prologue"], "nocfg: T "),
     ("pipelines.sampling", ["--variant", "baseline"], "'cfg': 120"),
     ("pipelines.evaluate", ["--step", "reference_stats"], "stats sha256"),
     ("pipelines.evaluate", ["--step", "reconstruction_metrics", "--variant", "prologue"], "rfd_effnetlite0="),
     ("pipelines.evaluate", ["--step", "generation_metrics", "--variant", "prologue"], "128 reference images"),
     ("pipelines.evaluate", ["--step", "linear_probe", "--variant", "baseline"], "train_rows"),
+    ("pipelines.mechanism", ["--variant", "prologue"], "resample keep"),
     ("pipelines.results", [], "results_table: 2 rows"),
 ])  # fmt: skip
-def test_every_step_has_a_cli(module, args, expected, tiny_graph):
-    out = subprocess.run(
-        [sys.executable, "-m", module, "--profile", "tiny", "--store", str(tiny_graph.root), "--no-progress", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert expected in out.stdout and "(cached)" in out.stdout, out.stdout[-2000:]
+def test_every_step_has_a_cli(module, args, expected, tiny_graph, capsys):
+    """Each step's command line on the trained tiny store (in this process: the entry point is the
+    same `main`; `python -m` itself is run by the runner test above)."""
+    import importlib
+
+    argv = ["--profile", "tiny", "--store", str(tiny_graph.root), "--no-progress", *args]
+    assert importlib.import_module(module).main(argv) == 0
+    out = capsys.readouterr().out
+    assert expected in out and "(cached)" in out, out[-2000:]
 
 
 def test_a_profile_whose_variants_are_not_the_partitions_fails_before_any_work(tmp_path):
@@ -213,7 +220,7 @@ def test_every_stored_manifest_parses_into_its_typed_class(tiny_graph):
 
     paths = sorted(tiny_graph.root.glob("*/*/_manifest.json"))
     parsed = [parse(json.loads(p.read_text())) for p in paths]
-    assert {m.asset for m in parsed} == set(MANIFESTS) and len(parsed) == 2 + 1 + 7 * 2 + 1
+    assert {m.asset for m in parsed} == set(MANIFESTS) and len(parsed) == 2 + 1 + 1 + 9 * 2 + 1
     tokens = next(m for m in parsed if isinstance(m, TokensManifest) and m.codes.z_len)
     assert tokens.codes.num_visual == 16 and tokens.files["sanity.png"].size > 0
     ar = next(m for m in parsed if isinstance(m, ARManifest))

@@ -19,7 +19,7 @@ from modeling.sampler import SamplerConfig
 from pipelines.images import encode_png, to_pil
 from pipelines.launch import worker_context
 from pipelines.loaders import load_ar, load_tokenizer
-from pipelines.sampling import ASSET, guided, tasks, to_uint8
+from pipelines.sampling import ASSET, tasks, to_uint8
 from pipelines.store import Store
 from pipelines.workers import worker_main
 
@@ -31,7 +31,7 @@ def run(store: Store, key: str, progress: bool) -> None:
     rank, world, device = ctx.rank, ctx.world, ctx.device
     artifact = store.artifact(ASSET, key)
     spec = artifact.read_json("spec.json")
-    cfg = from_dict(SamplerConfig, spec["sampler"])
+    samplers = {g: from_dict(SamplerConfig, c) for g, c in spec["samplers"].items()}  # the tuned settings
     model = load_ar(store.artifact("ar_model", spec["inputs"]["ar_model"]), device)
     tokenizer = load_tokenizer(store.artifact("tokenizer", spec["inputs"]["tokenizer"]), device)
     done = artifact.parts()
@@ -42,7 +42,7 @@ def run(store: Store, key: str, progress: bool) -> None:
     ]
     bar = ctx.progress(sum(t[4] - t[3] for t in mine), unit="img", enabled=progress)
     for name, g, c, first, end in mine:
-        t0 = time.perf_counter()
+        t0, cfg = time.perf_counter(), samplers[g]
         rel, seeds = f"samples/{name}.tar", []
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "shard.tar")
@@ -51,7 +51,7 @@ def run(store: Store, key: str, progress: bool) -> None:
                     idx = torch.arange(i, min(end, i + cfg.batch_size))
                     cls = torch.full_like(idx, c)
                     batch_seeds = sample_seeds(cfg.seed, cls, idx)
-                    codes = sample(model, cls.to(device), batch_seeds, guided(cfg, g))
+                    codes = sample(model, cls.to(device), batch_seeds, cfg)
                     with torch.no_grad():
                         images = to_pil(to_uint8(tokenizer.decode_codes(codes["visual"])))
                     for j, img in enumerate(images):
