@@ -45,6 +45,11 @@ def _train(plan: Plan, target: Target, on_log: Callable[[str], None]) -> dict:
     train, val = plan.shards("train"), plan.shards("val")
     train_m, val_m = train.require(), val.require()
     held = target.config["holdout_shards"]
+    if held >= len(train_m.shards):
+        raise ValueError(
+            f"evaluation.domain_holdout_shards: {held} of the {len(train_m.shards)} train shards leaves the "
+            "domain classifier nothing to train on (lower it, or data.shard_size)"
+        )
     cfg, artifact = plan.profile.domain, target.artifact
     torch.manual_seed(cfg.seed)
     model = DomainClassifier(cfg, 3, plan.profile.data.resolution, len(train_m.classes))
