@@ -113,6 +113,9 @@ def _domain_mechanism_tuning(plan: Plan, variant: str, rec: dict[str, Any]) -> d
         "sampler_cfg": sampler_label(tuned["selected"]["cfg"]),
         "tuning_points": tuned["points"]["nocfg"] + tuned["points"]["cfg"],
         "tuning_samples_per_point": tuned["samples_per_point"],
+        "tuning_seed": plan.profile.tuning.seed,
+        "sampler_seeds": list(plan.sampling_seeds),
+        "train_seeds": f"tokenizer {plan.profile.tokenizer_train.seed}, AR {plan.profile.ar_train.seed}",
     }
 
 
@@ -149,7 +152,9 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
         f"\n{r['samples_per_guidance']} samples per guidance setting and variant"
         + (f" in each of {r['sampling_runs']} sampling runs (mean ± sample std)" if r["sampling_runs"] > 1 else "")
         + f"; reference: the first {r['reference_images']} val images (stats sha256 {r['reference_sha256']}…); "
-        f"evaluator {ev} (EfficientNet-Lite0 features, not InceptionV3: these are not FID/IS values).\n"
+        f"evaluator {ev} (EfficientNet-Lite0 features, not InceptionV3: these are not FID/IS values); sampler seeds "
+        f"{', '.join(map(str, r['sampler_seeds']))}; one training per variant (seeds: {r['train_seeds']}), so "
+        "the ± is the sampling spread only.\n"
     )
     lines += _table(
         ["variant", "FD-domain recon", "consistency recon", "FD-domain CFG", "FD-domain no CFG", "consistency CFG",
@@ -185,7 +190,8 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
                     [[r["variant"], r["sampler_nocfg"], r["sampler_cfg"], str(r["tuning_points"])] for r in rows])
     lines.append(
         f"\nEach variant searched a grid of the same size, {r['tuning_samples_per_point']} samples per point "
-        "(tuning seed), scored by FD-domain against the val split (disjoint from the reporting reference)."
+        f"(tuning seed {r['tuning_seed']}), scored by FD-domain against the val split (disjoint from the "
+        "reporting reference)."
     )
     return "\n".join(lines) + "\n"
 
