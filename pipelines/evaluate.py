@@ -204,23 +204,29 @@ def _sample_metrics(
                 images = sample_set_images(t.artifact, manifest, g, ev.feature_samples_per_class)
                 pool, logits = embed_images(im for im, _ in labelled_batches(images, ev.feature_batch))
                 per_seed[seed][g] |= set_metrics(pool, logits, reference, e) | {"samples": len(pool)}
+    from pipelines.domain import features_stats, load_classifier, load_set
+
+    # the classifier and both reference statistics once per variant, not once per sample set
+    domain, recon = plan.domain().artifact, plan.reconstruction(variant).artifact
+    classifier = load_classifier(domain)
+    reference = features_stats(load_set(domain, "reference")[0])
+    own = features_stats(load_set(recon, "domain_reconstructions")[0])
     for seed, t, manifest in sets:
         for g in GUIDANCE:
-            per_seed[seed][g] |= _domain_figures(plan, variant, sample_set_images(t.artifact, manifest, g))
+            images = sample_set_images(t.artifact, manifest, g)
+            per_seed[seed][g] |= _domain_figures(classifier, reference, own, images)
     return per_seed
 
 
-def _domain_figures(plan: Plan, variant: str, images: Iterable) -> dict[str, float]:
+def _domain_figures(classifier, reference: tuple, own: tuple, images: Iterable) -> dict[str, float]:
     """fd_domain against the held-out reference, class consistency (share classified as their
     conditioning class) and fd_domain_ar_only: against the variant's own val reconstructions, what
     the AR adds to the tokenizer's distance."""
     from modeling.fidelity import fd_from_features
-    from pipelines.domain import features_stats, load_classifier, load_set, set_figures
+    from pipelines.domain import set_figures
 
-    domain, recon = plan.domain().artifact, plan.reconstruction(variant).artifact
-    embedded = embed(load_classifier(domain), labelled_batches(images, 500))
-    figures = set_figures(*embedded, features_stats(load_set(domain, "reference")[0]))
-    own = features_stats(load_set(recon, "domain_reconstructions")[0])
+    embedded = embed(classifier, labelled_batches(images, 500))
+    figures = set_figures(*embedded, reference)
     return {
         "fd_domain": figures["fd_domain"],
         "class_consistency": figures["class_consistency"],
