@@ -63,8 +63,9 @@ def _measure(plan: Plan, target: Target, variant: str, on_log: Callable[[str], N
         "z_len": plan.profile.tokenizer_for(variant).z_len,
     }
     if metrics["z_len"]:
-        metrics |= _prologue_ce(plan, inputs, on_log)
-        metrics |= _resampling(plan, inputs, target.config, classifier, on_log)
+        model = load_ar(inputs["ar"].artifact)
+        metrics |= _prologue_ce(model, inputs, on_log)
+        metrics |= _resampling(model, plan, inputs, target.config, classifier, on_log)
     return target.artifact.commit(
         {"metrics.json": target.artifact.put_json("metrics.json", metrics).__dict__},
         config=target.config, lineage=target.inputs, code_version=CODE_VERSIONS[ASSET], metrics=metrics,
@@ -72,10 +73,10 @@ def _measure(plan: Plan, target: Target, variant: str, on_log: Callable[[str], N
     )  # fmt: skip
 
 
-def _prologue_ce(plan: Plan, inputs: dict[str, Target], on_log: Callable[[str], None]) -> dict[str, Any]:
+def _prologue_ce(model, inputs: dict[str, Target], on_log: Callable[[str], None]) -> dict[str, Any]:
     """Val CE per visual token of the AR and of the joint prior under each prologue condition."""
     labels, prologue, visual = split_rows(inputs["tokens"].artifact, "val")
-    model, prior = load_ar(inputs["ar"].artifact), load_prior(inputs["tokenizer"].artifact)
+    prior = load_prior(inputs["tokenizer"].artifact)
     out: dict[str, Any] = {"ar_visual_ce": {}, "prior_visual_ce": {}, "ce_rows": len(labels)}
     for condition in PROLOGUE_CONDITIONS:
         given = perturbed_prologues(prologue, labels, condition, seed=0)
@@ -86,11 +87,11 @@ def _prologue_ce(plan: Plan, inputs: dict[str, Target], on_log: Callable[[str], 
     return out
 
 
-def _resampling(plan: Plan, inputs: dict[str, Target], config: dict, classifier, on_log) -> dict[str, Any]:
+def _resampling(model, plan: Plan, inputs: dict[str, Target], config: dict, classifier, on_log) -> dict[str, Any]:
     """Share of fixed-prologue resamples that the domain classifier puts in their original's class."""
     from modeling.sampler import resample_visual, sample, sample_seeds
 
-    model, tokenizer = load_ar(inputs["ar"].artifact), load_tokenizer(inputs["tokenizer"].artifact)
+    tokenizer = load_tokenizer(inputs["tokenizer"].artifact)
     # the no-guidance samples' settings
     cfg = replace(from_dict(SamplerConfig, inputs["samples"].config["sampler"]), cfg_schedule="none")
     m, r, classes = config["originals_per_class"], config["resamples"], len(plan.listing.classes)

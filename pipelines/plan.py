@@ -38,7 +38,7 @@ CODE_VERSIONS = {
     "tokenizer": "2",  # 2: the discriminator's own optimiser and schedule; Post's separate prologue encoder
     "token_dataset": "1",
     "ar_model": "1",
-    "sampling_tuning": "1",
+    "sampling_tuning": "2",  # 2: the selected settings' labels in the metrics
     "samples": "2",  # 2: sampled with the settings sampling_tuning selected
     "reference_stats": "1",
     "domain_classifier": "1",

@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.store import StepResult
-from pipelines.tuning import sampler_label
 
 ASSET = "results_table"
 log = logging.getLogger(__name__)
@@ -109,8 +108,8 @@ def _domain_mechanism_tuning(plan: Plan, variant: str, rec: dict[str, Any]) -> d
         "same_class_pair_rate": mech["same_class_pair_rate"],
         "resample_keep_rate": mech.get("resample_keep_rate"),
         "resampled": mech.get("resampled", 0),
-        "sampler_nocfg": sampler_label(tuned["selected"]["nocfg"]),
-        "sampler_cfg": sampler_label(tuned["selected"]["cfg"]),
+        "sampler_nocfg": tuned["labels"]["nocfg"],
+        "sampler_cfg": tuned["labels"]["cfg"],
         "tuning_points": tuned["points"]["nocfg"] + tuned["points"]["cfg"],
         "tuning_samples_per_point": tuned["samples_per_point"],
         "tuning_seed": plan.profile.tuning.seed,

@@ -92,8 +92,8 @@ def _tune(plan: Plan, target: Target, variant: str, on_log: Callable[[str], None
             images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
         figures = set_figures(*embed(classifier, [(torch.cat(images), cls)]), reference)
         point = {"sampler": _knobs(cfg), **figures}
-        on_log(f"{_label(cfg)}: fd_domain {figures['fd_domain']:.3f}, consistency {figures['class_consistency']:.3f} "
-               f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
+        on_log(f"{sampler_label(_knobs(cfg), has_prologue)}: fd_domain {figures['fd_domain']:.3f}, "
+               f"consistency {figures['class_consistency']:.3f} ({time.perf_counter() - t0:.1f}s)")  # fmt: skip
         return point
 
     base = replace(plan.profile.sampler, seed=tuning.seed)
@@ -104,8 +104,9 @@ def _tune(plan: Plan, target: Target, variant: str, on_log: Callable[[str], None
     chosen_cfg = _best(grids["cfg"], base)
     selected = {"cfg": to_dict(replace(chosen_cfg, seed=plan.profile.sampler.seed)),
                 "nocfg": to_dict(replace(chosen_nocfg, seed=plan.profile.sampler.seed))}  # fmt: skip
-    on_log(f"selected: no guidance {_label(chosen_nocfg)}; guidance {_label(chosen_cfg)}")
-    metrics = {"grid": grids, "selected": selected, "points": {g: len(v) for g, v in grids.items()},
+    labels = {g: sampler_label(_knobs(c), has_prologue) for g, c in (("nocfg", chosen_nocfg), ("cfg", chosen_cfg))}
+    on_log(f"selected: no guidance {labels['nocfg']}; guidance {labels['cfg']}")
+    metrics = {"grid": grids, "selected": selected, "labels": labels, "points": {g: len(v) for g, v in grids.items()},
                "reference": "val", "samples_per_point": classes * tuning.samples_per_class}  # fmt: skip
     files = {"metrics.json": target.artifact.put_json("metrics.json", metrics).__dict__}
     return target.artifact.commit(
@@ -121,16 +122,15 @@ def _knobs(cfg: SamplerConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in KNOBS}
 
 
-def sampler_label(knobs: dict[str, Any]) -> str:
-    """A sampler setting in one line: temperatures and, with guidance, its scales."""
+def sampler_label(knobs: dict[str, Any], prologue: bool) -> str:
+    """A sampler setting in one line: the temperatures and, with guidance, the scales that apply (a variant
+    without prologue tokens has no T_prologue or prologue guidance scale)."""
+    visual = f"s_max {knobs['cfg_visual_max']:g}, p {knobs['cfg_power']:g}"
+    if not prologue:
+        t = f"T_visual {knobs['temperature_visual']:g}"
+        return t if knobs["cfg_schedule"] == "none" else f"{t}, {visual}"
     t = f"T {knobs['temperature_prologue']:g} / {knobs['temperature_visual']:g}"
-    if knobs["cfg_schedule"] == "none":
-        return t
-    return f"{t}, prologue {knobs['cfg_prologue']:g}, s_max {knobs['cfg_visual_max']:g}, p {knobs['cfg_power']:g}"
-
-
-def _label(cfg: SamplerConfig) -> str:
-    return sampler_label(_knobs(cfg))
+    return t if knobs["cfg_schedule"] == "none" else f"{t}, prologue {knobs['cfg_prologue']:g}, {visual}"
 
 
 def _best(points: list[dict[str, Any]], base: SamplerConfig) -> SamplerConfig:
@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.runner import step_main
 
     def summary(m) -> str:
-        sel = m.metrics["selected"]
-        return "; ".join(f"{g}: " + sampler_label(sel[g]) for g in ("nocfg", "cfg"))
+        return "; ".join(f"{g}: {m.metrics['labels'][g]}" for g in ("nocfg", "cfg"))
 
     return step_main(__doc__, argv, ASSET, summary=summary)
 

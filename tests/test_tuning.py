@@ -7,7 +7,7 @@ import pytest
 from modeling.config import ConfigError
 from pipelines.profiles import TuningConfig, load_profile
 from pipelines.store import Store
-from pipelines.tuning import guidance_grid, no_guidance_grid
+from pipelines.tuning import guidance_grid, no_guidance_grid, sampler_label
 from tests.conftest import tiny_plan
 
 
@@ -26,6 +26,14 @@ def test_every_variant_gets_a_grid_of_the_same_size(name):
         assert min(visual) == min(tuning.temperatures) and max(visual) == max(tuning.temperatures)
         sizes.add((len(free), len(guided)))
     assert len(sizes) == 1  # one budget for every variant
+
+
+def test_sampler_labels_name_only_the_knobs_a_variant_has():
+    knobs = {"cfg_schedule": "split", "cfg_prologue": 1.5, "cfg_visual_max": 3.0, "cfg_power": 1.0,
+             "temperature_prologue": 0.7, "temperature_visual": 0.9}  # fmt: skip
+    assert sampler_label(knobs, prologue=True) == "T 0.7 / 0.9, prologue 1.5, s_max 3, p 1"
+    assert sampler_label(knobs, prologue=False) == "T_visual 0.9, s_max 3, p 1"
+    assert sampler_label(knobs | {"cfg_schedule": "none"}, prologue=False) == "T_visual 0.9"
 
 
 def test_probe_lengths_follow_each_variant(tmp_path):
