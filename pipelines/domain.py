@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from modeling.domain_classifier import class_consistency
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.shard_reader import image_dataset, image_loader
 from pipelines.store import Artifact, StepResult
@@ -71,8 +72,8 @@ def _train(plan: Plan, target: Target, on_log: Callable[[str], None]) -> dict:
     n = min(target.config["ceiling_images"], len(sets["val"][0]))
     ref = features_stats(sets["reference"][0])
     metrics = {
-        "val_top1": consistency(sets["val"]),
-        "reference_top1": consistency(sets["reference"]),
+        "val_top1": class_consistency(*sets["val"][1:]),
+        "reference_top1": class_consistency(*sets["reference"][1:]),
         "reference_images": len(sets["reference"][0]),
         "val_images": len(sets["val"][0]),
         "ceiling": set_figures(sets["val"][0][:n], sets["val"][1][:n], sets["val"][2][:n], ref),
@@ -98,12 +99,6 @@ def _ordered(artifact: Artifact, shards: list[str]) -> Iterable:
     return image_loader(artifact, 500, num_workers=0, rank=0, world_size=1, shards=shards)
 
 
-def consistency(embedded: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
-    from modeling.domain_classifier import class_consistency
-
-    return class_consistency(embedded[1], embedded[2])
-
-
 def features_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     from modeling.fidelity import feature_stats
 
@@ -114,7 +109,6 @@ def set_figures(
     features: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, reference: tuple[np.ndarray, np.ndarray]
 ) -> dict[str, Any]:
     """fd_domain of a set against a reference's (mu, sigma), its class consistency and its size."""
-    from modeling.domain_classifier import class_consistency
     from modeling.fidelity import fd_from_features
 
     return {
