@@ -26,6 +26,23 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
 
+# `make test` runs two pytest-xdist workers on the machine's cores: one torch thread each (inherited by
+# the workers they launch), so that the two never oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Every test that reads the trained tiny store runs on one xdist worker (`--dist loadgroup`), so
+    the store is built once per run; the other tests spread over the workers."""
+    for item in items:
+        if "tiny_graph" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("tiny_graph"))
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
