@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PROFILE ?= fashion32
-# pytest-xdist workers of `make test` (tests that share the trained tiny store stay on one of them)
+# pytest-xdist workers of `make test` (one torch thread each)
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo test ui bench lint
@@ -15,7 +15,7 @@ demo: setup
 	PROLOGUE_PROFILE=$(PROFILE) $(PY) -m assets.demo
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 ui: setup
 	PROLOGUE_PROFILE=$(PROFILE) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -35,15 +35,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Every test that reads the trained tiny store runs on one xdist worker (`--dist loadgroup`), so
-    the store is built once per run; the other tests spread over the workers."""
-    for item in items:
-        if "tiny_graph" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("tiny_graph"))
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's standalone S3 server, speaking the S3 HTTP protocol on loopback."""
@@ -130,7 +121,8 @@ def tiny_resources(root, overrides: list[str] | None = None) -> dict:
 @pytest.fixture(scope="session")
 def tiny_graph(tmp_path_factory, fashion_mnist) -> TinyGraph:
     """One run of the Dagster `retrain` job over an empty store: every asset, both tiny variants.
-    Tests reuse it instead of training their own upstream artefacts."""
+    Tests reuse it instead of training their own upstream artefacts (under `make test`, each of the
+    two xdist workers builds its own, in parallel, at the start of the run)."""
     from dagster import DagsterInstance
 
     from assets.definitions import defs

@@ -313,6 +313,8 @@ def test_set_metrics_match_scipy_and_torch_fidelity(sets, metrics, scipy_fd):
     # batch identical, logits to float rounding), so equal up to that rounding; counts exactly
     assert ours["precision_effnetlite0"] == theirs["precision_effnetlite0"]
     assert ours["recall_effnetlite0"] == theirs["recall_effnetlite0"]
+    # KID's std: every subset is the whole set (subset size N), so both are 0 up to float rounding (~1e-7)
+    assert abs(ours.pop("kid_effnetlite0_std")) < 1e-6 and abs(theirs.pop("kid_effnetlite0_std")) < 1e-6
     assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-8)
     assert 0 < m["precision_effnetlite0"] <= 1 and 0 < m["recall_effnetlite0"] <= 1
     assert 1 <= m["is_effnetlite0_mean"] < 1000 and m["kid_effnetlite0_mean"] > 0
