@@ -18,7 +18,7 @@ from modeling.domain_classifier import (
     train_classifier,
 )
 
-TRAIN, VAL = 20_000, 2_000  # 2 epochs on a third of the train set: ~88% top-1 in ~25 s (the full set: 91% in ~85 s)
+TRAIN, VAL = 60_000, 10_000  # the default training (2 epochs on the whole train set), scored on the whole test set
 
 
 def load_fashion(root: Path, split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +108,7 @@ def test_training_is_deterministic_and_checks_its_step_count():
 
 @pytest.fixture(scope="module")
 def trained(fashion_mnist):
-    """One short training (default config, 2 epochs) on the first TRAIN Fashion-MNIST train images, shared below."""
+    """The default training (2 epochs) on the TRAIN Fashion-MNIST train images, shared below."""
     train_x, train_y = load_fashion(fashion_mnist, "train", TRAIN)
     cfg = DomainClassifierConfig()
     model = DomainClassifier(cfg, 3, 32, 10)
@@ -122,7 +122,7 @@ def test_real_val_images_are_classified(trained):
     feats, pred, ys = embed(model, chunks(val_x, val_y))
     assert feats.shape == (VAL, model.embed.out_features) and torch.equal(ys, val_y)
     top1 = class_consistency(pred, val_y)
-    assert top1 >= 0.85, top1  # seeds 0-2 give 0.878-0.889 (the full default training: 0.91 on all 10,000)
+    assert top1 >= 0.9, top1  # the issue's floor for the evaluator
     assert len(pred.unique()) == 10  # every class is predicted (balanced val labels)
 
 
@@ -131,4 +131,4 @@ def test_labels_that_do_not_belong_to_the_images_score_chance(trained):
     _, pred, _ = embed(model, chunks(val_x, val_y))
     shuffled = val_y[torch.randperm(VAL, generator=torch.Generator().manual_seed(0))]
     consistency = class_consistency(pred, shuffled)
-    assert abs(consistency - 0.1) < 0.05, consistency  # 10 balanced classes: chance 0.1, standard error ~0.007
+    assert abs(consistency - 0.1) < 0.05, consistency  # 10 balanced classes: chance 0.1, standard error ~0.003
