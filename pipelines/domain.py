@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from modeling.domain_classifier import class_consistency
+from pipelines.manifests import read
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.shard_reader import image_dataset, image_loader
 from pipelines.store import Artifact, StepResult
@@ -138,9 +139,9 @@ def load_classifier(artifact: Artifact):
     from modeling.config import from_dict
     from modeling.domain_classifier import DomainClassifier, DomainClassifierConfig
 
-    m = artifact.manifest()
-    cfg = from_dict(DomainClassifierConfig, m["config"]["model"])
-    model = DomainClassifier(cfg, 3, m["metrics"]["image_size"], m["metrics"]["num_classes"])
+    m = read(artifact, ASSET)
+    cfg = from_dict(DomainClassifierConfig, m.config["model"])
+    model = DomainClassifier(cfg, 3, m.metrics["image_size"], m.metrics["num_classes"])
     model.load_state_dict(load(artifact.read_bytes("model/classifier.safetensors")))
     return model.eval()
 

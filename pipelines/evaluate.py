@@ -27,7 +27,7 @@ import torch
 from modeling.domain_classifier import embed
 from modeling.fidelity import Embedder, set_metrics
 from pipelines.loaders import load_tokenizer
-from pipelines.manifests import ReferenceManifest, SamplesManifest
+from pipelines.manifests import ReferenceManifest, SamplesManifest, read
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.sampling import GUIDANCE
 from pipelines.shard_reader import image_loader, labelled_batches, sample_set_images
@@ -95,7 +95,7 @@ def load_reference(artifact: Artifact) -> tuple[np.ndarray, np.ndarray, torch.Te
     import hashlib
 
     raw = artifact.read_bytes("stats.npz")
-    if hashlib.sha256(raw).hexdigest() != artifact.manifest()["stats_sha256"]:
+    if hashlib.sha256(raw).hexdigest() != read(artifact, "reference_stats").stats_sha256:
         raise ValueError(f"{artifact.uri}: stats.npz does not match its recorded sha256")
     with np.load(io.BytesIO(raw)) as data:
         mu, sigma = data["mu"], data["sigma"]

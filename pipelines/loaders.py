@@ -7,15 +7,13 @@ from typing import Any
 import torch
 
 from modeling.config import from_dict
+from pipelines.manifests import read
 from pipelines.store import Artifact
 
 
 def _model_config(artifact: Artifact, what: str, cls: type) -> Any:
     """The model config a materialised artefact was trained with (its manifest's config.model)."""
-    manifest = artifact.manifest()
-    if manifest is None:
-        raise FileNotFoundError(f"{artifact.uri}: {what} not materialised (no manifest)")
-    return from_dict(cls, manifest["config"]["model"])
+    return from_dict(cls, read(artifact, what).config["model"])
 
 
 def _loaded(model: torch.nn.Module, artifact: Artifact, rel: str, device: torch.device | str) -> torch.nn.Module:

@@ -146,6 +146,15 @@ MANIFESTS: dict[str, type[Manifest]] = {
 }
 
 
+def read(artifact: Any, what: str) -> Any:
+    """The typed manifest of a materialised artefact (a `pipelines.store.Artifact`); a clear error
+    naming `what` when it has none."""
+    raw = artifact.manifest()
+    if raw is None:
+        raise FileNotFoundError(f"{artifact.uri}: {what} not materialised (no manifest)")
+    return parse(raw)
+
+
 def parse(raw: dict[str, Any]) -> Manifest:
     """The typed manifest of a raw `_manifest.json` (its `asset` field picks the class)."""
     return _build(MANIFESTS[raw["asset"]], raw, raw["asset"])

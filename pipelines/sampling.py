@@ -117,14 +117,14 @@ def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
 def _grids(artifact, layout, ar_art, tok_art, classes, cfg) -> dict[str, bytes]:
     """Per-class sample grids (8 per class and guidance) and, with prologue tokens, rows that keep a
     sample's prologue and redraw its visual tokens."""
-    from pipelines.shard_reader import image_dataset
+    from pipelines.shard_reader import read_tars
 
     out = {}
     for g in GUIDANCE:
         first = {}  # class -> up to 8 images, read back from the shards just written
         shards = [rel for rel in layout[g] if rel.endswith("-000.tar")]
-        fake = {"shards": shards, "files": {rel: {"size": artifact.fs.size(artifact.file_path(rel))} for rel in shards}}
-        for img, label in image_dataset(artifact, fake, rank=0, world_size=1):
+        sizes = {rel: artifact.fs.size(artifact.file_path(rel)) for rel in shards}
+        for img, label in read_tars(artifact, sizes, rank=0, world_size=1):
             if len(first.setdefault(int(label), [])) < 8:
                 first[int(label)].append(img)
         out[f"grid_{g}.png"] = grid_png(torch.stack([im for c in sorted(first) for im in first[c]]), columns=8)

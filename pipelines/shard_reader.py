@@ -18,6 +18,7 @@ import torch.distributed as dist
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from pipelines.manifests import Manifest, read
 from pipelines.store import Artifact, Store
 
 
@@ -61,7 +62,7 @@ def _image_and_label(sample: dict) -> tuple[torch.Tensor, int]:
 
 def image_dataset(
     artifact: Artifact,
-    manifest: Mapping[str, Any] | None = None,
+    manifest: Manifest | None = None,
     *,
     rank: int | None = None,
     world_size: int | None = None,
@@ -70,21 +71,36 @@ def image_dataset(
     decode: bool = True,
     shards: list[str] | None = None,
 ) -> wds.DataPipeline:
-    """Samples of one `image_shards` artefact.
+    """Samples of one `image_shards` artefact (its typed manifest, read if not given).
 
     decode=True yields (uint8 tensor [3, H, W], label); decode=False yields the raw sample dicts
     (`__key__`, `png` bytes, `cls` bytes, `json` bytes). `shuffle` > 0 shuffles the shard order
     (seeded) and keeps a sample buffer of that size. Every rank must use the same seed. `shards`
-    restricts reading to those shard files (paths as in the manifest's `shards` list).
+    restricts reading to those tar files (paths as in the manifest's `files`: also the sample
+    shards of a `samples` artefact).
     """
-    manifest = manifest or artifact.manifest()
-    if manifest is None:
-        raise FileNotFoundError(f"{artifact.uri}: not materialised (no manifest)")
+    manifest = manifest or read(artifact, "image_shards")
+    rels = manifest.shards if shards is None else shards
+    return read_tars(artifact, {rel: manifest.files[rel].size for rel in rels}, rank=rank, world_size=world_size,
+                     shuffle=shuffle, seed=seed, decode=decode)  # fmt: skip
+
+
+def read_tars(
+    artifact: Artifact,
+    sizes: Mapping[str, int],
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    shuffle: int = 0,
+    seed: int = 0,
+    decode: bool = True,
+) -> wds.DataPipeline:
+    """The samples of these tar files of `artifact` ({path: size it must have}), in this order;
+    the arguments as in `image_dataset`."""
     if rank is None or world_size is None:
         rank, world_size = rank_and_world()
-    rels = manifest["shards"] if shards is None else shards
-    urls = [artifact.file_uri(rel) for rel in rels]
-    sizes = {artifact.file_uri(rel): manifest["files"][rel]["size"] for rel in rels}
+    urls = [artifact.file_uri(rel) for rel in sizes]
+    sizes = {artifact.file_uri(rel): size for rel, size in sizes.items()}
     if shuffle:
         g = torch.Generator().manual_seed(seed)
         urls = [urls[i] for i in torch.randperm(len(urls), generator=g).tolist()]
@@ -131,10 +147,8 @@ def sample_set_images(artifact: Artifact, manifest, guidance: str, per_class: in
     """(image uint8 [3, H, W], label) of one guidance setting of a `samples` artefact (its typed
     manifest); per_class > 0 keeps the first per_class of each class (shards hold each class's
     samples in index order)."""
-    rels = manifest.layout[guidance]
-    sub = {"shards": rels, "files": {r: {"size": manifest.files[r].size} for r in rels}}
     seen: dict[int, int] = {}
-    for image, label in image_dataset(artifact, sub, rank=0, world_size=1):
+    for image, label in image_dataset(artifact, manifest, rank=0, world_size=1, shards=manifest.layout[guidance]):
         seen[label] = seen.get(label, 0) + 1
         if not per_class or seen[label] <= per_class:
             yield image, label

@@ -19,13 +19,13 @@ import io
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from pipelines.manifests import TokensManifest, read
 from pipelines.shard_reader import TruncatedShard, rank_and_world
 from pipelines.store import Artifact
 
@@ -39,12 +39,12 @@ class Unit:
     rows: int
 
 
-def units(manifest: dict[str, Any], split: str, fmt: str) -> list[Unit]:
+def units(manifest: TokensManifest, split: str, fmt: str) -> list[Unit]:
     """Every readable unit of one split in one format, in storage order."""
     if fmt not in FORMATS:
         raise ValueError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
     out = []
-    for f in manifest["layout"][fmt][split]:
+    for f in manifest.layout[fmt][split]:
         if fmt == "parquet":
             out += [Unit(f["file"], i, n) for i, n in enumerate(f["units"])]
         else:
@@ -55,14 +55,14 @@ def units(manifest: dict[str, Any], split: str, fmt: str) -> list[Unit]:
 class UnitReader:
     """Reads units into (labels int16 [R], codes uint16 [R, Z + N]), checking file sizes first."""
 
-    def __init__(self, artifact: Artifact, manifest: dict[str, Any]):
+    def __init__(self, artifact: Artifact, manifest: TokensManifest):
         self.artifact, self.manifest = artifact, manifest
-        self.z_len = manifest["codes"]["z_len"]
+        self.z_len = manifest.codes.z_len
         self._open: tuple[str, pq.ParquetFile] | None = None  # the Parquet file being read
 
     def _stream(self, rel: str):
         stream = self.artifact.store.open_url(self.artifact.file_uri(rel))
-        expected = self.manifest["files"][rel]["size"]
+        expected = self.manifest.files[rel].size
         actual = stream.size if hasattr(stream, "size") else self.artifact.fs.size(self.artifact.file_path(rel))
         if actual != expected:
             stream.close()
@@ -109,16 +109,14 @@ class TokenStream(torch.utils.data.IterableDataset):
         world_size: int | None = None,
     ):
         super().__init__()
-        self.manifest = artifact.manifest()
-        if self.manifest is None:
-            raise FileNotFoundError(f"{artifact.uri}: token_dataset not materialised (no manifest)")
+        self.manifest = read(artifact, "token_dataset")
         if rank is None or world_size is None:
             rank, world_size = rank_and_world()
         self.artifact, self.batch_size, self.fmt, self.split = artifact, batch_size, fmt, split
         self.shuffle, self.shuffle_rows, self.seed, self.epochs = shuffle, shuffle_rows, seed, epochs
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
         self.units = units(self.manifest, split, fmt)
-        self.z_len = self.manifest["codes"]["z_len"]
+        self.z_len = self.manifest.codes.z_len
 
     def _windows(self, epoch: int, worker: int, workers: int) -> list[list[Unit]]:
         """This worker's units of one epoch, grouped into shuffle windows."""
@@ -205,7 +203,7 @@ def split_rows(artifact: Artifact, split: str) -> tuple[torch.Tensor, torch.Tens
         return torch.from_numpy(flat).view(t.num_rows, -1)
 
     parts = []
-    for f in artifact.manifest()["layout"]["parquet"][split]:
+    for f in read(artifact, "token_dataset").layout["parquet"][split]:
         with artifact.store.open_url(artifact.file_uri(f["file"])) as stream:
             t = pq.read_table(stream, columns=["label", "aug", "prologue", "visual"], filters=[("aug", "=", 0)])
         parts.append((torch.from_numpy(t.column("label").to_numpy().astype(np.int64)), column(t, "prologue"),

@@ -24,6 +24,7 @@ from PIL import Image
 from modeling.config import from_dict
 from pipelines.launch import worker_context
 from pipelines.loaders import load_tokenizer
+from pipelines.manifests import ShardsManifest, read
 from pipelines.profiles import TokenExportConfig
 from pipelines.shard_reader import image_dataset
 from pipelines.store import Artifact, Store
@@ -39,9 +40,9 @@ def run(store: Store, key: str, progress: bool) -> None:
     cfg = from_dict(TokenExportConfig, spec["tokens"])
     tokenizer = load_tokenizer(store.artifact("tokenizer", spec["tokenizer"]), device)
     shards = {s: store.artifact("image_shards", k) for s, k in spec["shards"].items()}
-    manifests = {s: a.manifest() for s, a in shards.items()}
+    manifests = {s: read(a, "image_shards") for s, a in shards.items()}
     done = artifact.parts()
-    mine = [t for t in tasks({s: m["shards"] for s, m in manifests.items()})[rank::world] if t[0] not in done]
+    mine = [t for t in tasks({s: m.shards for s, m in manifests.items()})[rank::world] if t[0] not in done]
     total = sum(_shard_images(manifests[s], rel) for _, s, rel in mine)
     bar = ctx.progress(total, unit="img", enabled=progress)
     for name, split, rel in mine:
@@ -55,10 +56,10 @@ def run(store: Store, key: str, progress: bool) -> None:
     bar.close()
 
 
-def _shard_images(manifest: dict, rel: str) -> int:
+def _shard_images(manifest: ShardsManifest, rel: str) -> int:
     """Images in one shard, from the shard size and the split's total (only the last is short)."""
-    size, total = manifest["config"]["shard_size"], manifest["counts"]["samples"]
-    return min(size, total - manifest["shards"].index(rel) * size)
+    size, total = manifest.config["shard_size"], manifest.counts.samples
+    return min(size, total - manifest.shards.index(rel) * size)
 
 
 def _decode_sample(sample: dict) -> tuple[str, torch.Tensor, int]:
@@ -70,7 +71,7 @@ def write_shard(
     artifact: Artifact,
     name: str,
     shards: Artifact,
-    manifest: dict,
+    manifest: ShardsManifest,
     rel: str,
     tokenizer,
     device: torch.device,
