@@ -100,7 +100,7 @@ def read_tars(
     if rank is None or world_size is None:
         rank, world_size = rank_and_world()
     urls = [artifact.file_uri(rel) for rel in sizes]
-    sizes = {artifact.file_uri(rel): size for rel, size in sizes.items()}
+    expected = {artifact.file_uri(rel): size for rel, size in sizes.items()}
     if shuffle:
         g = torch.Generator().manual_seed(seed)
         urls = [urls[i] for i in torch.randperm(len(urls), generator=g).tolist()]
@@ -108,7 +108,7 @@ def read_tars(
         wds.SimpleShardList(urls),
         wds.pipelinefilter(_split_by_rank)(rank, world_size),
         wds.split_by_worker,
-        wds.pipelinefilter(_open_shards)(artifact.store, sizes),
+        wds.pipelinefilter(_open_shards)(artifact.store, expected),
         _samples,
     ]
     if shuffle:

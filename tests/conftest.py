@@ -10,10 +10,12 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from pipelines.launch import free_port
 from pipelines.store import Store
@@ -99,7 +101,7 @@ class TinyGraph:
     root: Path
     """The store folder (read it; copy it with `copy_store` before writing)."""
     instance: object
-    """The ephemeral Dagster instance that holds the run and its event log."""
+    """The on-disk Dagster instance that holds the run and its event log (read it)."""
     run_id: str
     seconds: float
     listings: int
@@ -118,18 +120,37 @@ def tiny_resources(root, overrides: list[str] | None = None) -> dict:
     }
 
 
-@pytest.fixture(scope="session")
-def tiny_graph(tmp_path_factory, fashion_mnist) -> TinyGraph:
-    """One run of the Dagster `retrain` job over an empty store: every asset, both tiny variants.
-    Tests reuse it instead of training their own upstream artefacts (under `make test`, each of the
-    two xdist workers builds its own, in parallel, at the start of the run)."""
-    from dagster import DagsterInstance
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name`, filled by `build` once per test run and shared by the xdist workers: the first
+    worker to take the lock builds it, the others wait for it and read it. `_complete` is written last,
+    so a build that failed is redone, in an emptied folder, by the next test that needs it."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's own
+    folder = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (folder / "_complete").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / "_complete").touch()
+    return folder
 
+
+def _instance(folder: Path):
+    """The on-disk Dagster instance in `folder` (SQLite: readable by every worker), telemetry off."""
+    from dagster import DagsterInstance
+    from dagster._core.instance.ref import InstanceRef
+
+    folder.mkdir(exist_ok=True)
+    (folder / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return DagsterInstance.from_ref(InstanceRef.from_dir(str(folder)))
+
+
+def _build_tiny_graph(folder: Path) -> None:
     from assets.definitions import defs
     from pipelines import sources
 
-    root = tmp_path_factory.mktemp("tiny") / "store"
-    instance = DagsterInstance.ephemeral()
     opened = []
     init = sources.Source.__init__
 
@@ -140,9 +161,38 @@ def tiny_graph(tmp_path_factory, fashion_mnist) -> TinyGraph:
     start = time.perf_counter()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sources.Source, "__init__", counting)
-        result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, resources=tiny_resources(root))
+        result = defs.resolve_job_def("retrain").execute_in_process(
+            instance=_instance(folder / "dagster"), resources=tiny_resources(folder / "store")
+        )
     assert result.success
-    return TinyGraph(root, instance, result.run_id, time.perf_counter() - start, len(opened))
+    run = {"run_id": result.run_id, "seconds": time.perf_counter() - start, "listings": len(opened)}
+    (folder / "run.json").write_text(json.dumps(run))
+
+
+@pytest.fixture(scope="session")
+def tiny_graph(tmp_path_factory, fashion_mnist) -> TinyGraph:
+    """One run of the Dagster `retrain` job over an empty store: every asset, both tiny variants, built
+    once per test run (by the first xdist worker to need it) and reused by every test. Read the store
+    and the instance; copy the store before writing, and run new Dagster runs in an instance of your own."""
+    folder = built_once(tmp_path_factory, "tiny_graph", _build_tiny_graph)
+    run = json.loads((folder / "run.json").read_text())
+    return TinyGraph(folder / "store", _instance(folder / "dagster"), run["run_id"], run["seconds"], run["listings"])
+
+
+# Fixtures built once per test run. Their tests go last, bar one each that goes first: under xdist the
+# workers build them at the start, while the rest of the suite runs beside.
+BUILT_ONCE = ("tiny_graph", "trained_classifier")
+
+
+def pytest_collection_modifyitems(items):
+    first, rest, last = [], [], []
+    for item in items:
+        needs = [f for f in BUILT_ONCE if f in getattr(item, "fixturenames", ())]
+        if needs and not any(needs[0] in getattr(i, "fixturenames", ()) for i in first):
+            first.append(item)
+        else:
+            (last if needs else rest).append(item)
+    items[:] = first + rest + last
 
 
 def copy_store(src: Path, dest: Store, assets: tuple[str, ...] | None = None) -> Store:

@@ -17,6 +17,7 @@ from modeling.domain_classifier import (
     embed,
     train_classifier,
 )
+from tests.conftest import built_once
 
 TRAIN, VAL = 60_000, 10_000  # the default training (2 epochs on the whole train set), scored on the whole test set
 
@@ -107,18 +108,26 @@ def test_training_is_deterministic_and_checks_its_step_count():
 
 
 @pytest.fixture(scope="module")
-def trained(fashion_mnist):
-    """The default training (2 epochs) on the TRAIN Fashion-MNIST train images, shared below."""
-    train_x, train_y = load_fashion(fashion_mnist, "train", TRAIN)
+def trained_classifier(tmp_path_factory, fashion_mnist):
+    """The default training (2 epochs) on the TRAIN Fashion-MNIST train images, trained once per test run
+    (shared by the xdist workers), and the VAL test images."""
     cfg = DomainClassifierConfig()
+
+    def build(folder: Path) -> None:
+        train_x, train_y = load_fashion(fashion_mnist, "train", TRAIN)
+        model = DomainClassifier(cfg, 3, 32, 10)
+        batches, steps = epoch_batches(train_x, train_y, cfg.batch_size)
+        train_classifier(model, batches, cfg, cfg.epochs * steps, on_log=lambda _: None)
+        torch.save(model.state_dict(), folder / "classifier.pt")
+
+    folder = built_once(tmp_path_factory, "trained_classifier", build)
     model = DomainClassifier(cfg, 3, 32, 10)
-    batches, steps = epoch_batches(train_x, train_y, cfg.batch_size)
-    train_classifier(model, batches, cfg, cfg.epochs * steps, on_log=lambda _: None)
-    return model, load_fashion(fashion_mnist, "test", VAL)
+    model.load_state_dict(torch.load(folder / "classifier.pt", weights_only=True))
+    return model.eval(), load_fashion(fashion_mnist, "test", VAL)
 
 
-def test_real_val_images_are_classified(trained):
-    model, (val_x, val_y) = trained
+def test_real_val_images_are_classified(trained_classifier):
+    model, (val_x, val_y) = trained_classifier
     feats, pred, ys = embed(model, chunks(val_x, val_y))
     assert feats.shape == (VAL, model.embed.out_features) and torch.equal(ys, val_y)
     top1 = class_consistency(pred, val_y)
@@ -126,8 +135,8 @@ def test_real_val_images_are_classified(trained):
     assert len(pred.unique()) == 10  # every class is predicted (balanced val labels)
 
 
-def test_labels_that_do_not_belong_to_the_images_score_chance(trained):
-    model, (val_x, val_y) = trained
+def test_labels_that_do_not_belong_to_the_images_score_chance(trained_classifier):
+    model, (val_x, val_y) = trained_classifier
     _, pred, _ = embed(model, chunks(val_x, val_y))
     shuffled = val_y[torch.randperm(VAL, generator=torch.Generator().manual_seed(0))]
     consistency = class_consistency(pred, shuffled)
