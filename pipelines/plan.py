@@ -183,22 +183,26 @@ class Plan:
 
     # -- stage 1 and 2 -----------------------------------------------------------------------------
     def tokenizer(self, variant: str) -> Target:
-        model = self.profile.tokenizer_for(variant)
+        """The variant's tokenizer: that of its `tokenizer_variant` (an AR-budget variant shares it)."""
+        v = self.profile.variant(variant)
+        model = v.tokenizer(self.profile.tokenizer)
         # the separate prologue encoder's size is Prologue-Post's alone: it keys no other variant
-        model_key = {k: v for k, v in key_dict(model).items() if model.post_hoc or not k.startswith("post_")}
-        config = {"variant": variant, "model": model_key, "train": key_dict(self.profile.tokenizer_train)}
+        model_key = {k: x for k, x in key_dict(model).items() if model.post_hoc or not k.startswith("post_")}
+        train = key_dict(v.tokenizer_train(self.profile.tokenizer_train))
+        config = {"variant": v.tokenizer_variant, "model": model_key, "train": train}
         inputs = {f"image_shards/{s}": self.shards(s).key for s in SPLITS}
-        if model.post_hoc:  # Prologue-Post: the prologue path is trained on top of the trained 2D tokenizer
-            inputs["tokenizer/baseline"] = self.tokenizer("baseline").key
+        if v.base_variant is not None:  # Prologue-Post: the prologue path is trained on the trained 2D tokenizer
+            inputs["tokenizer/baseline"] = self.tokenizer(v.base_variant).key
         return _target(self.store, "tokenizer", variant, config, inputs)
 
     def base_tokenizer(self, variant: str) -> Target | None:
         """The frozen 2D tokenizer a Prologue-Post variant trains on, else None."""
-        return self.tokenizer("baseline") if self.profile.tokenizer_for(variant).post_hoc else None
+        base = self.profile.variant(variant).base_variant
+        return self.tokenizer(base) if base is not None else None
 
     def tokens(self, variant: str) -> Target:
         tok = self.tokenizer(variant)
-        config = {"variant": variant, "tokens": key_dict(self.profile.tokens)}
+        config = {"variant": tok.config["variant"], "tokens": key_dict(self.profile.tokens)}
         return _target(self.store, "token_dataset", variant, config, {"tokenizer": tok.key, **tok.inputs})
 
     def codes(self, variant: str) -> dict[str, int]:
@@ -213,7 +217,7 @@ class Plan:
 
     # -- stage 3 and sampling ----------------------------------------------------------------------
     def ar(self, variant: str) -> Target:
-        cfg = self.profile.ar_train
+        cfg = self.profile.ar_train_for(variant)
         model = model_config(cfg, self.codes(variant), len(self.listing.classes))
         config = {"variant": variant, "model": to_dict(model), "train": key_dict(cfg)}
         return _target(self.store, "ar_model", variant, config, {"token_dataset": self.tokens(variant).key})
@@ -373,7 +377,8 @@ class Plan:
         if asset == "image_shards":
             return []
         if asset == "tokenizer":
-            base = [("tokenizer", "baseline")] if self.profile.tokenizer_for(partition).post_hoc else []
+            base_variant = self.profile.variant(partition).base_variant
+            base = [("tokenizer", base_variant)] if base_variant is not None else []
             return [("image_shards", s) for s in SPLITS] + base
         if asset == "reference_stats":
             return [("image_shards", "val")]

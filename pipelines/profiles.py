@@ -8,8 +8,7 @@ or value fails here, before any work starts, with a `ConfigError` that names the
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,12 @@ from modeling.domain_classifier import DomainClassifierConfig
 from modeling.sampler import SamplerConfig
 from modeling.tokenizer import TokenizerConfig
 from modeling.tokenizer_trainer import TokenizerTrainConfig
+from pipelines.variants import Variant, parse_variant
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SOURCE_KINDS = ("idx", "folder", "ilsvrc_tar", "kaggle_zip")
 SPLITS = ("train", "val")
-VARIANTS = ("baseline", "prologue")  # the default comparison; a profile may list more (see variant_tokenizer)
+VARIANTS = ("baseline", "prologue")  # the default comparison; a profile may list more (pipelines/variants.py)
 
 
 @dataclass
@@ -234,8 +234,8 @@ class Profile(Config):
     description: str = ""
     """One line on what the profile is for."""
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    """Tokenizer variants compared (partitions of every variant asset): baseline, prologue,
-    prologue_post (Prologue-Post) and prologue_z<N> (the prologue variant with N prologue tokens)."""
+    """Arms compared (partitions of every variant asset): baseline, prologue, prologue_post
+    (Prologue-Post), with optional suffixes _z<N>, _s<S>, _ent<W>, _tok<K>x, _ar<K>x (pipelines/variants.py)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Raw images and sharding."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -263,9 +263,12 @@ class Profile(Config):
             raise ConfigError(f"variants: need one or more distinct names, got {self.variants}")
         for v in self.variants:
             try:
-                variant_tokenizer(self.tokenizer, v)
+                variant = parse_variant(v)
             except ConfigError as e:
                 raise ConfigError(f"variants: {e}") from None
+            base = variant.base_variant
+            if base is not None and base not in self.variants:
+                raise ConfigError(f"variants: {v} trains on the 2D tokenizer of {base}; list {base} too")
         shards = -(-self.data.train.limit // self.data.shard_size) if self.data.train.limit else None
         if shards is not None and self.evaluation.domain_holdout_shards >= shards:
             raise ConfigError(
@@ -278,27 +281,23 @@ class Profile(Config):
                 f"{self.data.resolution}; set both"
             )
 
+    def variant(self, name: str) -> Variant:
+        """One of the profile's variants, parsed."""
+        if name not in self.variants:
+            raise ConfigError(f"variant: {name!r} is not one of this profile's {', '.join(self.variants)}")
+        return parse_variant(name)
+
     def tokenizer_for(self, variant: str) -> TokenizerConfig:
         """The tokenizer config of one of the profile's variants."""
-        if variant not in self.variants:
-            raise ConfigError(f"variant: {variant!r} is not one of this profile's {', '.join(self.variants)}")
-        return variant_tokenizer(self.tokenizer, variant)
+        return self.variant(variant).tokenizer(self.tokenizer)
 
+    def tokenizer_train_for(self, variant: str) -> TokenizerTrainConfig:
+        """The tokenizer training settings of one of the profile's variants."""
+        return self.variant(variant).tokenizer_train(self.tokenizer_train)
 
-def variant_tokenizer(prologue: TokenizerConfig, variant: str) -> TokenizerConfig:
-    """A variant's tokenizer config from the prologue variant's: `baseline` (z_len = 0, no joint
-    prior), `prologue`, `prologue_post` (the baseline frozen, a prologue path trained on top) or
-    `prologue_z<N>` (N prologue tokens)."""
-    if variant == "baseline":
-        return replace(prologue, z_len=0)
-    if variant == "prologue":
-        return prologue
-    if variant == "prologue_post":
-        return replace(prologue, post_hoc=True)
-    m = re.fullmatch(r"prologue_z([1-9]\d*)", variant)
-    if m:
-        return replace(prologue, z_len=int(m.group(1)))
-    raise ConfigError(f"variant: {variant!r} is not baseline, prologue, prologue_post or prologue_z<N>")
+    def ar_train_for(self, variant: str) -> ARTrainConfig:
+        """The AR training settings of one of the profile's variants."""
+        return self.variant(variant).ar_train(self.ar_train)
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -470,17 +469,37 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 # The small-scale reproduction of the paper's comparison: fashion32's settings unchanged (so the
 # baseline and prologue artefacts are shared with `make demo`), plus Prologue-Post, the prologue
-# variant with 2 and 8 prologue tokens, and three sampling runs per variant for mean ± spread.
+# variant with 2 and 8 prologue tokens, a second training seed of the baseline and the prologue
+# (the spread over training), and three sampling runs per variant (the spread over sampling).
 PROFILES["fashion32-full"] = merge(
     PROFILES["fashion32"],
     {
-        "version": 1,
-        "description": "the paper's comparison at small scale: fashion32 + Prologue-Post + z_len 2/8, 3 sampling runs",
-        "variants": ["baseline", "prologue", "prologue_post", "prologue_z2", "prologue_z8"],
+        "version": 2,
+        "description": "the paper's comparison at small scale: fashion32 + Prologue-Post + z_len 2/8 + a second "
+        "training seed, 3 sampling runs",
+        "variants": ["baseline", "prologue", "prologue_post", "prologue_z2", "prologue_z8", "baseline_s1",
+                     "prologue_s1"],
         # 10,000 samples per set for the domain evaluator; EfficientNet-Lite0 embeds the first 1,000
         "evaluation": {"sampling_runs": 3, "samples_per_class": 1000, "feature_samples_per_class": 100},
     },
 )
+
+# Ablations that say why (issue 16): the prologue entropy loss (0, 0.1 and fashion32's 0.5), the AR
+# budget (1x and 4x steps) for the baseline and Prologue-Post (identical visual codes: a gap is the
+# prologue's), the tokenizer budget (1x and 3x steps) for the baseline and the prologue. fashion32's
+# training settings otherwise (its baseline, prologue and Post artefacts are shared), three sampling
+# runs of fashion32's size per variant.
+PROFILES["fashion32-ablations"] = merge(
+    PROFILES["fashion32"],
+    {
+        "version": 1,
+        "description": "why: prologue entropy 0/0.1/0.5, AR budget 1x/4x, tokenizer budget 1x/3x on fashion32",
+        "variants": ["baseline", "prologue", "prologue_ent0", "prologue_ent0p1", "prologue_post", "baseline_ar4x",
+                     "prologue_post_ar4x", "baseline_tok3x", "prologue_tok3x"],
+        "evaluation": {"sampling_runs": 3, "feature_samples_per_class": 30},
+    },
+)
+
 
 def load_profile(name_or_path: str, overrides: list[str] | dict[str, Any] | None = None) -> Profile:
     """A named profile (or a JSON file of one) with dotted `field=value` overrides applied."""

@@ -95,6 +95,7 @@ def _domain_mechanism_tuning(plan: Plan, variant: str, rec: dict[str, Any]) -> d
     mech = plan.mechanism(variant).require().metrics
     tuned = plan.tuning(variant).require().metrics
     domain = plan.domain().require().metrics
+    tok_seed, ar_seed = plan.profile.tokenizer_train_for(variant).seed, plan.profile.ar_train_for(variant).seed
     return {
         "recon_fd_domain": rec["domain"]["fd_domain"],
         "recon_class_consistency": rec["domain"]["class_consistency"],
@@ -114,7 +115,7 @@ def _domain_mechanism_tuning(plan: Plan, variant: str, rec: dict[str, Any]) -> d
         "tuning_samples_per_point": tuned["samples_per_point"],
         "tuning_seed": plan.profile.tuning.seed,
         "sampler_seeds": list(plan.sampling_seeds),
-        "train_seeds": f"tokenizer {plan.profile.tokenizer_train.seed}, AR {plan.profile.ar_train.seed}",
+        "train_seeds": f"tokenizer {tok_seed}, AR {ar_seed}",
     }
 
 

@@ -120,7 +120,7 @@ def _export(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
         f"on {sanity['images']} val images (tokenizer: {sanity['tokenizer_psnr_db']:.2f} dB)"
     )
     shard_keys = {s: t.key for s, t in shards.items()}
-    spec = {"variant": variant, "tokens": to_dict(cfg), "tokenizer": tok.key, "shards": shard_keys}
+    spec = {"variant": target.config["variant"], "tokens": to_dict(cfg), "tokenizer": tok.key, "shards": shard_keys}
     records = {
         "spec.json": artifact.put_json("spec.json", spec).__dict__,
         "sanity.png": artifact.put_bytes("sanity.png", grid_png(grid)).__dict__,

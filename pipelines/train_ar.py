@@ -52,7 +52,7 @@ def train_ar(
 def _train(plan: Plan, target: Target, variant: str, progress: bool, on_log, runner: Runner | None) -> dict:
     tokens = plan.tokens(variant)
     tokens.require()
-    cfg, artifact = plan.profile.ar_train, target.artifact
+    cfg, artifact = plan.profile.ar_train_for(variant), target.artifact
     spec = {
         "variant": variant,
         "model": target.config["model"],

@@ -42,10 +42,10 @@ def _train(plan: Plan, target: Target, variant: str, progress: bool, on_log: Cal
     base = plan.base_tokenizer(variant)
     if base is not None:
         base.require()
-    train = plan.profile.tokenizer_train
+    train = plan.profile.tokenizer_train_for(variant)
     artifact = target.artifact
     spec = {
-        "variant": variant,
+        "variant": target.config["variant"],
         "model": target.config["model"],
         "train": to_dict(train),
         "shards": {k: v for k, v in target.inputs.items() if k.startswith("image_shards/")},

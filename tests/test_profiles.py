@@ -35,7 +35,7 @@ def test_partial_override_keeps_nested_defaults():
         (["noequals"], "expected dotted.field=value"),
         (["data.resolution=64"], "tokenizer.image_size: 32 differs from data.resolution 64"),
         (["tokenizer.patch_size=5"], "tokenizer.patch_size: 5 does not divide image_size 32"),
-        (["variants=baseline,prolog"], "variants: variant: 'prolog' is not baseline, prologue"),
+        (["variants=baseline,prolog"], "variants: variant: 'prolog' is not <arm>"),
         (["variants=baseline,baseline"], "variants: need one or more distinct names"),
         (["evaluation.sampling_runs=0"], "evaluation.sampling_runs: must be >= 1"),
     ],

@@ -1,0 +1,93 @@
+"""Variant names: parsing, what each suffix changes, and which artefacts variants share."""
+
+from __future__ import annotations
+
+import pytest
+
+from modeling.config import ConfigError
+from pipelines.profiles import load_profile
+from pipelines.store import Store
+from pipelines.variants import parse_variant
+from tests.conftest import tiny_plan
+
+
+def test_names_parse_into_what_they_change():
+    v = parse_variant("prologue_z8_s1_ent0p1_tok3x_ar4x")
+    assert (v.arm, v.z_len, v.seed, v.entropy_weight, v.tokenizer_budget, v.ar_budget) == ("prologue", 8, 1, 0.1, 3, 4)
+    assert v.tokenizer_variant == "prologue_z8_s1_ent0p1_tok3x" and v.seed_group == "prologue_z8_ent0p1_tok3x_ar4x"
+    plain = parse_variant("prologue")
+    assert (plain.z_len, plain.seed, plain.entropy_weight, plain.tokenizer_budget, plain.ar_budget) == (
+        None,
+        None,
+        None,
+        1,
+        1,
+    )
+    assert parse_variant("prologue_post_s1_tok3x").base_variant == "baseline_s1_tok3x"
+    assert (
+        parse_variant("prologue_post_ar4x").base_variant == "baseline"
+        and parse_variant("prologue").base_variant is None
+    )
+    assert parse_variant("prologue_ent0").entropy_weight == 0.0
+
+
+@pytest.mark.parametrize("name, message", [
+    ("baseline_z4", "no prologue tokens"),
+    ("baseline_ent0", "no prologue tokens"),
+    ("prologue_ar4x_s1", "is not <arm>"),  # suffixes in their order only
+    ("prologue_z0", "is not <arm>"),
+    ("prologue_tok0x", "is not <arm>"),
+    ("onestage", "is not <arm>"),
+])  # fmt: skip
+def test_bad_names_say_what_names_look_like(name, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_variant(name)
+
+
+def test_each_suffix_changes_only_its_setting():
+    names = ["baseline", "prologue", "baseline_s1", "prologue_ent0", "prologue_tok3x", "baseline_ar4x"]
+    p = load_profile("fashion32", {"variants": names})
+    assert p.tokenizer_train_for("prologue") == p.tokenizer_train and p.ar_train_for("prologue") == p.ar_train
+    seeded = p.tokenizer_train_for("baseline_s1")
+    assert seeded.seed == 1 and seeded.steps == p.tokenizer_train.steps and p.ar_train_for("baseline_s1").seed == 1
+    assert p.tokenizer_train_for("prologue_ent0").prologue_entropy_weight == 0.0
+    assert p.tokenizer_train.prologue_entropy_weight == 0.5
+    longer = p.tokenizer_train_for("prologue_tok3x")
+    assert (longer.steps, longer.gan_start, longer.warmup_steps) == (4500, 2250, p.tokenizer_train.warmup_steps)
+    assert p.ar_train_for("prologue_tok3x") == p.ar_train
+    assert p.ar_train_for("baseline_ar4x").steps == 3200 and p.tokenizer_train_for("baseline_ar4x") == p.tokenizer_train
+    assert p.tokenizer_for("baseline_ar4x") == p.tokenizer_for("baseline")
+
+
+def test_a_post_arm_needs_its_2d_tokenizer_listed():
+    with pytest.raises(ConfigError, match="variants: prologue_post_s1 trains on the 2D tokenizer of baseline_s1"):
+        load_profile("tiny", {"variants": ["baseline", "prologue_post_s1"]})
+
+
+def test_an_ar_budget_arm_reuses_its_tokenizer_and_tokens_and_trains_its_own_ar(tmp_path, fashion_mnist):
+    variants = "variants=baseline,prologue_post,prologue_post_ar4x,baseline_s1"
+    plan = tiny_plan(Store(str(tmp_path)), [variants])
+    assert plan.tokenizer("prologue_post_ar4x").key == plan.tokenizer("prologue_post").key
+    assert plan.tokens("prologue_post_ar4x").key == plan.tokens("prologue_post").key
+    assert plan.ar("prologue_post_ar4x").key != plan.ar("prologue_post").key
+    assert (
+        plan.ar("prologue_post_ar4x").config["train"]["steps"] == 4 * plan.ar("prologue_post").config["train"]["steps"]
+    )
+    assert plan.tokenizer("baseline_s1").key != plan.tokenizer("baseline").key
+    assert plan.deps("tokenizer", "prologue_post_ar4x") == plan.deps("tokenizer", "prologue_post")
+    # the listed variants keep the keys they had before suffixes existed (pinned in golden_keys.json)
+    plain = tiny_plan(Store(str(tmp_path)))
+    assert plain.tokenizer("baseline").key == plan.tokenizer("baseline").key
+
+
+def test_the_ablations_share_the_full_profiles_trained_arms(tmp_path, fashion_mnist):
+    """fashion32-ablations trains only what it adds: its baseline, prologue and Post arms, and the
+    tokenizers of its AR-budget arms, are fashion32-full's artefacts."""
+    from pipelines.plan import Plan
+
+    ablations, full = (Plan.from_listing(load_profile(n), Store(str(tmp_path))) for n in ("fashion32-ablations",
+                                                                                        "fashion32-full"))  # fmt: skip
+    for v in ("baseline", "prologue", "prologue_post"):
+        assert ablations.ar(v).key == full.ar(v).key and ablations.tokenizer(v).key == full.tokenizer(v).key
+    assert ablations.tokens("baseline_ar4x").key == full.tokens("baseline").key
+    assert ablations.tokenizer("prologue_post_ar4x").inputs == full.tokenizer("prologue_post").inputs
