@@ -127,6 +127,8 @@ class MetricsManifest(Manifest):
 class ResultsManifest(Manifest):
     profile: str
     rows: list[dict[str, Any]]
+    over_training_seeds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Per group of variants that differ only by training seed: each figure's mean and std over them."""
 
 
 MANIFESTS: dict[str, type[Manifest]] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.store import StepResult
+from pipelines.variants import parse_variant
 
 ASSET = "results_table"
 log = logging.getLogger(__name__)
@@ -124,6 +126,69 @@ def _probed(row: dict[str, Any]) -> str:
     return f"{n} prologue" if row["probe_on"] == "prologue" else f"first {n} visual"
 
 
+# Figures summarised over training seeds (each seed's value is its mean over the sampling runs).
+SEED_FIGURES = ("rfd_{ev}", "psnr_db", "gfd_{ev}_cfg", "gfd_{ev}_nocfg", "fd_domain_cfg", "fd_domain_nocfg",
+                "class_consistency_cfg", "class_consistency_nocfg", "probe_top1")  # fmt: skip
+
+
+def over_training_seeds(rows: list[dict[str, Any]], ev: str) -> list[dict[str, Any]]:
+    """One entry per group of two or more rows that differ only by training seed (`baseline`,
+    `baseline_s1`, ...): the variants, and each figure's mean and sample std over them."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(parse_variant(r["variant"]).seed_group, []).append(r)
+    out = []
+    for group, members in groups.items():
+        if len(members) < 2:
+            continue
+        entry: dict[str, Any] = {"group": group, "variants": [m["variant"] for m in members]}
+        for figure in SEED_FIGURES:
+            values = [m.get(figure.format(ev=ev)) for m in members]
+            if None not in values:
+                entry[figure.format(ev=ev)] = {"mean": statistics.fmean(values), "std": statistics.stdev(values)}
+        out.append(entry)
+    return out
+
+
+def gaps(summary: list[dict[str, Any]], ev: str, against: str = "baseline") -> list[str]:
+    """Each group's gap to `against` per figure, read against the training-seed spread: inside when it
+    is no larger than the std of a difference of two single runs, sqrt(std_a^2 + std_b^2)."""
+    base = next((g for g in summary if g["group"] == against), None)
+    lines = []
+    for g in summary:
+        if base is None or g is base:
+            continue
+        parts = []
+        for figure in (f.format(ev=ev) for f in SEED_FIGURES):
+            if figure in g and figure in base:
+                gap = g[figure]["mean"] - base[figure]["mean"]
+                spread = (g[figure]["std"] ** 2 + base[figure]["std"] ** 2) ** 0.5
+                where = "outside" if abs(gap) > spread else "inside"
+                parts.append(f"{figure} {gap:+.3f} (spread {spread:.3f}: {where})")
+        lines.append(f"{g['group']} − {against}: " + "; ".join(parts))
+    return lines
+
+
+def _seed_table(summary: list[dict[str, Any]], ev: str) -> list[str]:
+    if not summary:
+        return []
+    figures = [f.format(ev=ev) for f in SEED_FIGURES]
+
+    def cell(g: dict[str, Any], figure: str) -> str:
+        return f"{g[figure]['mean']:.3f} ± {g[figure]['std']:.3f}" if figure in g else "—"
+
+    lines = ["\nOver training seeds (mean ± sample std over the seeds; each seed's value is its mean over the "
+             "sampling runs):\n"]  # fmt: skip
+    lines += _table(["group", "variants", *figures], [[g["group"], ", ".join(g["variants"]),
+                                                     *(cell(g, f) for f in figures)] for g in summary])  # fmt: skip
+    gap_lines = gaps(summary, ev)
+    if gap_lines:
+        lines.append("\nGaps against the baseline, read against the training-seed spread (std of the difference "
+                     "of two single runs; two seeds give a rough spread):\n")  # fmt: skip
+        lines += [f"- {line}" for line in gap_lines]
+    return lines
+
+
 def _cell(r: dict[str, Any], key: str, digits: int = 2) -> str:
     """A value with ± its std over sampling runs (if any); '—' where the variant has none."""
     if r.get(key) is None:
@@ -153,8 +218,9 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
         + (f" in each of {r['sampling_runs']} sampling runs (mean ± sample std)" if r["sampling_runs"] > 1 else "")
         + f"; reference: the first {r['reference_images']} val images (stats sha256 {r['reference_sha256']}…); "
         f"evaluator {ev} (EfficientNet-Lite0 features, not InceptionV3: these are not FID/IS values); sampler seeds "
-        f"{', '.join(map(str, r['sampler_seeds']))}; one training per variant (seeds: {r['train_seeds']}), so "
-        "the ± is the sampling spread only.\n"
+        f"{', '.join(map(str, r['sampler_seeds']))}; one training run per row (training seeds: "
+        f"{r['train_seeds']}, an `_s<S>` row seed S), so the ± is the sampling spread only (the spread over "
+        "training seeds, where an arm has several rows, is below).\n"
     )
     lines += _table(
         ["variant", "FD-domain recon", "consistency recon", "FD-domain CFG", "FD-domain no CFG", "consistency CFG",
@@ -193,6 +259,7 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
         f"(tuning seed {r['tuning_seed']}), scored by FD-domain against the val split (disjoint from the "
         "reporting reference)."
     )
+    lines += _seed_table(over_training_seeds(rows, ev), ev)
     return "\n".join(lines) + "\n"
 
 
@@ -219,6 +286,7 @@ def _write(plan: Plan, target: Target, rows: list[dict[str, Any]]) -> dict:
         lineage=target.inputs,
         code_version=CODE_VERSIONS[ASSET],
         rows=rows,
+        over_training_seeds=over_training_seeds(rows, plan.profile.evaluation.evaluator),
         profile=plan.label,
     )
 
