@@ -266,9 +266,9 @@ class Profile(Config):
                 variant = parse_variant(v)
             except ConfigError as e:
                 raise ConfigError(f"variants: {e}") from None
-            base = variant.base_variant
-            if base is not None and base not in self.variants:
-                raise ConfigError(f"variants: {v} trains on the 2D tokenizer of {base}; list {base} too")
+            base = variant.base_variant  # listed first: a run covering every variant trains them in order
+            if base is not None and base not in self.variants[: self.variants.index(v)]:
+                raise ConfigError(f"variants: {v} trains on the 2D tokenizer of {base}; list {base} before it")
         shards = -(-self.data.train.limit // self.data.shard_size) if self.data.train.limit else None
         if shards is not None and self.evaluation.domain_holdout_shards >= shards:
             raise ConfigError(

@@ -62,6 +62,8 @@ def test_each_suffix_changes_only_its_setting():
 def test_a_post_arm_needs_its_2d_tokenizer_listed():
     with pytest.raises(ConfigError, match="variants: prologue_post_s1 trains on the 2D tokenizer of baseline_s1"):
         load_profile("tiny", {"variants": ["baseline", "prologue_post_s1"]})
+    with pytest.raises(ConfigError, match="list baseline before it"):
+        load_profile("tiny", {"variants": ["prologue_post", "baseline"]})
 
 
 def test_an_ar_budget_arm_reuses_its_tokenizer_and_tokens_and_trains_its_own_ar(tmp_path, fashion_mnist):
