@@ -254,6 +254,9 @@ def mechanism_metrics(context: AssetExecutionContext, store: StoreResource, prof
 def results_table(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
     r = results.results_table(run_plan(context.instance, profile, store), on_log=context.log.info)
     md = r.artifact.read_bytes("results.md").decode()
-    return materialized(
-        r, {"table": MetadataValue.md(md), "parquet": MetadataValue.path(r.artifact.file_uri("results.parquet"))}
-    )
+    metadata = {"table": MetadataValue.md(md), "parquet": MetadataValue.path(r.artifact.file_uri("results.parquet"))}
+    if "samples.png" in r.manifest.files:
+        metadata["samples"] = png_markdown(r.artifact.read_bytes("samples.png"), "samples per variant: no CFG, CFG")
+    if "budgets.png" in r.manifest.files:
+        metadata["budgets"] = png_markdown(r.artifact.read_bytes("budgets.png"), "domain figures against budget")
+    return materialized(r, metadata)

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.figures import budget_png, side_by_side
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.store import StepResult
 from pipelines.variants import parse_variant
@@ -280,6 +281,8 @@ def _write(plan: Plan, target: Target, rows: list[dict[str, Any]]) -> dict:
         "results.parquet": artifact.put_bytes("results.parquet", buf.getvalue()).__dict__,
         "results.md": artifact.put_bytes("results.md", md.encode()).__dict__,
     }
+    for name, png in _figures(plan, rows).items():
+        files[name] = artifact.put_bytes(name, png).__dict__
     return artifact.commit(
         files,
         config={"variants": list(plan.profile.variants)},
@@ -289,6 +292,21 @@ def _write(plan: Plan, target: Target, rows: list[dict[str, Any]]) -> dict:
         over_training_seeds=over_training_seeds(rows, plan.profile.evaluation.evaluator),
         profile=plan.label,
     )
+
+
+def _figures(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    """samples.png: each variant's first sample set side by side (8 per class, without and with
+    guidance); budgets.png: the domain figures against each training budget the profile varies."""
+    grids = {}
+    for v in plan.profile.variants:
+        art = plan.samples(v)[0].artifact
+        grids[v] = {"no CFG": art.read_bytes("grid_nocfg.png"), "CFG": art.read_bytes("grid_cfg.png")}
+    out = {"samples.png": side_by_side(grids)}
+    budgets = budget_png(rows, {"fd_domain_nocfg": "FD-domain, no CFG", "fd_domain_cfg": "FD-domain, CFG",
+                                "class_consistency_nocfg": "class consistency, no CFG"})  # fmt: skip
+    if budgets is not None:
+        out["budgets.png"] = budgets
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

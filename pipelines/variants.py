@@ -51,6 +51,11 @@ class Variant:
         return self.name.removesuffix(f"_ar{self.ar_budget}x") if self.ar_budget != 1 else self.name
 
     @property
+    def without_tokenizer_budget(self) -> str:
+        """The name without `_tok<K>x`: the variants that differ only by tokenizer budget share it."""
+        return self.name.replace(f"_tok{self.tokenizer_budget}x", "", 1) if self.tokenizer_budget != 1 else self.name
+
+    @property
     def base_variant(self) -> str | None:
         """The 2D tokenizer a Prologue-Post arm trains on: the baseline of the same seed and tokenizer
         budget; None for the other arms."""

@@ -70,6 +70,8 @@ def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
     [art] = (root / "results_table").iterdir()
     table = pq.read_table(art / "results.parquet").to_pylist()
     assert [r["variant"] for r in table] == ["baseline", "prologue"]
+    # both variants' samples side by side; no budget varies on tiny, so no budget plot
+    assert Image.open(art / "samples.png").size[0] > 2 * 8 * 32 and not (art / "budgets.png").exists()
     for r in table:
         assert r["rfd_effnetlite0"] > 0 and r["gfd_effnetlite0_cfg"] > 0 and r["gfd_effnetlite0_nocfg"] > 0
         assert 0 <= r["probe_top1"] <= 1 and r["reference_images"] == 128
