@@ -1,8 +1,9 @@
 """Stage-1 training: the two alternating optimiser steps per batch.
 
-Step 1 (encoder + decoder): L1 + L2 reconstruction, optional VGG feature loss, GAN generator loss,
-VQ loss, and the joint prior's CE on prologue/EOS and visual positions, computed by the prior with
-its weights frozen (the CE reaches the encoder through the prologue path only).
+Step 1 (encoder + decoder): L1 + L2 reconstruction, optional perceptual loss (VGG features or
+ConvNeXt-S logits), GAN generator loss, VQ loss, and the joint prior's CE on prologue/EOS and visual
+positions, computed by the prior with its weights frozen (the CE reaches the encoder through the
+prologue path only).
 Step 2 (joint prior + discriminator): plain CE on detached codes; hinge loss for the discriminator.
 
 Every module has its own AdamW and its own schedule (encoder/decoder, joint prior, discriminator), as
@@ -26,10 +27,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 
 from modeling.codebook_restart import DeadCodeRestarter
-from modeling.config import NOT_IN_KEY, Config, ConfigError
-from modeling.discriminator import PatchDiscriminator, PerceptualLoss, d_hinge_loss, g_loss
+from modeling.config import KEY_UNLESS_DEFAULT, NOT_IN_KEY, Config, ConfigError
+from modeling.discriminator import PatchDiscriminator, d_hinge_loss, g_loss
 from modeling.joint_prior import JointPrior
 from modeling.optim import ema_with_warmup, lr_lambda
+from modeling.perceptual import NETWORKS, perceptual_loss
 from modeling.tokenizer import Tokenizer, TokenizerConfig
 
 
@@ -60,9 +62,12 @@ class TokenizerTrainConfig(Config):
     l2_weight: float = 1.0
     """Weight of the L2 term next to L1 in the reconstruction loss."""
     perceptual_weight: float = 0.0
-    """Weight of the VGG feature loss (0: off; needs perceptual_weights)."""
+    """Weight of the perceptual loss (0: off; needs perceptual_weights)."""
+    perceptual_net: str = field(default="vgg16", metadata=KEY_UNLESS_DEFAULT)
+    """Network of the perceptual loss (modeling.perceptual): vgg16 (VGG feature distance) or
+    convnext_s_logits (MSE of ConvNeXt-S logits, Prologue-L's)."""
     perceptual_weights: str = ""
-    """Local torchvision VGG16 state-dict file for the feature loss (never downloaded)."""
+    """Local torchvision state-dict file of perceptual_net (never downloaded)."""
     gan_weight: float = 0.1
     """Weight of the GAN generator loss."""
     gan_start: int = 500
@@ -100,8 +105,12 @@ class TokenizerTrainConfig(Config):
             raise ConfigError("lr: learning rates must be > 0")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.perceptual_net not in NETWORKS:
+            raise ConfigError(f"perceptual_net: {self.perceptual_net!r} is not one of {', '.join(NETWORKS)}")
         if self.perceptual_weight > 0 and not self.perceptual_weights:
-            raise ConfigError("perceptual_weights: a local VGG16 weights file is needed when perceptual_weight > 0")
+            raise ConfigError(
+                f"perceptual_weights: a local {self.perceptual_net} weights file is needed when perceptual_weight > 0"
+            )
 
 
 # parameters of the prologue path: the only ones Prologue-Post trains on top of a frozen 2D tokenizer
@@ -141,7 +150,9 @@ class TokenizerTrainer:
             for name, p in self.tokenizer.named_parameters():
                 p.requires_grad_(name.startswith(PROLOGUE_PATH))
         self.prior = JointPrior(model_cfg).to(device) if model_cfg.z_len > 0 else None
-        self.perceptual = PerceptualLoss(cfg.perceptual_weights).to(device) if cfg.perceptual_weight > 0 else None
+        self.perceptual = None
+        if cfg.perceptual_weight > 0:
+            self.perceptual = perceptual_loss(cfg.perceptual_net, cfg.perceptual_weights).to(device)
         self.ema = AveragedModel(self.tokenizer, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
         wrap = (lambda m: DDP(m)) if distributed else (lambda m: m)
         self.tokenizer_dp = wrap(self.tokenizer)

@@ -467,6 +467,23 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
+# The paper's Large setting: Prologue-L (4096 visual codes, an asymmetric 24 x 1024 decoder, a perceptual
+# loss on ConvNeXt-S logits) with AR-XL; everything else as imagenet256-b. The perceptual weight (1.0)
+# is ours: method.md does not give the paper's.
+PROFILES["imagenet256-l"] = merge(
+    PROFILES["imagenet256-b"],
+    {
+        "version": 1,
+        "description": "the paper's Large setting, Prologue-L + AR-XL, on ImageNet 256 (GPU cluster; set "
+        "data.*.url and tokenizer_train.perceptual_weights)",
+        "tokenizer": {"visual_codebook": 4096, "dec_width": 1024, "dec_depth": 24, "dec_heads": 16},
+        "tokenizer_train": {"perceptual_weight": 1.0, "perceptual_net": "convnext_s_logits",
+                            "perceptual_weights": "/models/convnext_small.pth"},
+        "ar_train": {"size": "XL"},
+    },
+)
+
+
 # The small-scale reproduction of the paper's comparison: fashion32's settings unchanged (so the
 # baseline and prologue artefacts are shared with `make demo`), plus Prologue-Post, the prologue
 # variant with 2 and 8 prologue tokens, a second training seed of the baseline and the prologue

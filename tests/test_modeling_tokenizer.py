@@ -1,4 +1,4 @@
-"""Stage-1 model code: tokenizer, quantizers, joint AR prior, discriminator and VGG feature loss (CPU, tiny sizes)."""
+"""Stage-1 model code: tokenizer, quantizers, joint AR prior, discriminator and perceptual losses (CPU, tiny sizes)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torchvision
 
 from modeling.blocks import Transformer, grid_rope, rope_1d
 from modeling.config import ConfigError, field_docs, from_dict
-from modeling.discriminator import PatchDiscriminator, PerceptualLoss, d_hinge_loss, g_loss
+from modeling.discriminator import PatchDiscriminator, d_hinge_loss, g_loss
 from modeling.joint_prior import JointPrior
+from modeling.perceptual import ConvNeXtLogitLoss, VGGFeatureLoss
 from modeling.quantizers import PrologueQuantizer, VisualQuantizer
 from modeling.tokenizer import Decoder, Tokenizer, TokenizerConfig
 
@@ -28,10 +29,10 @@ def tiny(z_len: int = Z, **kw) -> TokenizerConfig:
     )  # fmt: skip
 
 
-def images(n: int = B, seed: int = 0) -> torch.Tensor:
-    """Smooth colour images in [-1, 1]: random 4x4 colour grids, bilinearly upsampled to 16x16."""
+def images(n: int = B, seed: int = 0, size: int = 16) -> torch.Tensor:
+    """Smooth colour images in [-1, 1]: random 4x4 colour grids, bilinearly upsampled to size x size."""
     g = torch.Generator().manual_seed(seed)
-    return F.interpolate(torch.rand(n, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear", align_corners=False)
+    return F.interpolate(torch.rand(n, 3, 4, 4, generator=g) * 2 - 1, size=size, mode="bilinear", align_corners=False)
 
 
 @pytest.fixture(autouse=True)
@@ -298,7 +299,7 @@ def test_overfit_reduces_l1_by_half():
     assert 1 <= enc.visual.perplexity.item() <= used + 1e-4 and 1 <= used <= min(V, 8 * N)
 
 
-# 9. discriminator and VGG feature loss -----------------------------------------------------------
+# 9. discriminator and perceptual losses-----------------------------------------------------------
 
 
 def test_patch_discriminator_and_hinge_losses():
@@ -322,17 +323,31 @@ def vgg_weights(tmp_path_factory):
     return str(path)
 
 
-def test_perceptual_loss(vgg_weights, tmp_path):
-    loss = PerceptualLoss(vgg_weights).train()
-    assert not loss.vgg.training and not any(p.requires_grad for p in loss.parameters())
-    a, b = images(2, seed=1), images(2, seed=2)
+def _check_perceptual(loss, size: int):
+    assert not loss.net.training and not any(p.requires_grad for p in loss.parameters())
+    a, b = images(2, seed=1, size=size), images(2, seed=2, size=size)
     assert loss(a, a).item() == 0.0
     a.requires_grad_(True)
     value = loss(a, b)
     value.backward()
     assert value.item() > 0 and a.grad.abs().sum() > 0
+
+
+def test_vgg_feature_loss(vgg_weights, tmp_path):
+    _check_perceptual(VGGFeatureLoss(vgg_weights).train(), 16)
     with pytest.raises(FileNotFoundError, match="VGG16 weights"):
-        PerceptualLoss(str(tmp_path / "missing.pth"))
+        VGGFeatureLoss(str(tmp_path / "missing.pth"))
+
+
+def test_convnext_logit_loss(tmp_path, vgg_weights):
+    """Prologue-L's perceptual loss: ConvNeXt-S logits from a local state dict (random weights here)."""
+    path = tmp_path / "convnext_small.pth"
+    torch.save(torchvision.models.convnext_small(weights=None).state_dict(), path)
+    _check_perceptual(ConvNeXtLogitLoss(str(path)).train(), 32)
+    with pytest.raises(FileNotFoundError, match="ConvNeXt-S weights"):
+        ConvNeXtLogitLoss(str(tmp_path / "missing.pth"))
+    with pytest.raises(RuntimeError, match="state_dict"):  # a VGG file is not a ConvNeXt-S one
+        ConvNeXtLogitLoss(vgg_weights)
 
 
 def test_post_hoc_tokenizer_is_the_2d_tokenizer_plus_a_separate_prologue_encoder():

@@ -91,3 +91,29 @@ def test_cache_key_input_leaves_out_what_does_not_change_the_result():
     # post_hoc came after tokenizers were stored: at its default it stays out, so their keys hold
     assert "post_hoc" not in key_dict(p.tokenizer)
     assert key_dict(dataclasses.replace(p.tokenizer, post_hoc=True))["post_hoc"] is True
+
+
+def test_imagenet256_l_builds_prologue_l_and_ar_xl_on_the_meta_device():
+    """The paper's Large setting, built without allocating it: Prologue-L's 4096 visual codes and
+    24 x 1024 decoder beside imagenet256-b's encoder, its ConvNeXt-S perceptual loss, and AR-XL."""
+    import torch
+
+    from modeling.ar_model import ARModel
+    from modeling.ar_trainer import model_config
+    from modeling.tokenizer import Tokenizer
+
+    large, base = load_profile("imagenet256-l"), load_profile("imagenet256-b")
+    cfg = large.tokenizer_for("prologue")
+    assert (cfg.visual_codebook, cfg.dec_depth, cfg.dec_width, cfg.z_len) == (4096, 24, 1024, 16)
+    assert (cfg.width, cfg.depth) == (base.tokenizer.width, base.tokenizer.depth) == (768, 12)
+    train = large.tokenizer_train_for("prologue")
+    assert train.perceptual_net == "convnext_s_logits" and train.perceptual_weight > 0
+    with torch.device("meta"):
+        tokenizer = Tokenizer(cfg)
+        codes = {"z_len": 16, "num_visual": 256, "visual_codebook": 4096, "prologue_codebook": 1024}
+        ar = ARModel(model_config(large.ar_train, codes, 1000))
+    decoder = sum(p.numel() for p in tokenizer.decoder.parameters())
+    assert 380e6 < decoder < 420e6, decoder  # 24 GEGLU blocks of width 1024, ~16.8M each
+    # AR-XL, 1280 x 32: 853M here, the paper's is 685M. Our blocks' GEGLU MLP is 4x the width wide
+    # (16 d^2 per block) where LlamaGen's SwiGLU is 8/3x (12 d^2): the README says so
+    assert 840e6 < ar.num_params() < 870e6, ar.num_params()
