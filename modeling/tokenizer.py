@@ -2,7 +2,9 @@
 
 The decoder sees only the visual tokens: prologue tokens are never decoded and are trained only
 through the joint AR model's CE loss (`modeling.joint_prior`). `z_len = 0` is the 2D-tokenizer
-baseline, which has no query tokens and no prologue quantizer at all. Prologue-Post (`post_hoc`)
+baseline, which has no query tokens and no prologue quantizer at all; `layout = "1d"` is the 1D
+(TiTok-style) baseline: N learnable latent queries beside the patches are what is quantized, and
+the decoder reads those N codes beside a mask token at every patch position. Prologue-Post (`post_hoc`)
 keeps the 2D encoder exactly as the baseline's and adds a separate prologue encoder
 (`modeling.prologue_encoder`) that reads its patch outputs.
 
@@ -74,6 +76,9 @@ class TokenizerConfig(Config):
     """Prologue-Post: layers of the separate prologue encoder (paper 10)."""
     post_heads: int = 4
     """Prologue-Post: attention heads of the separate prologue encoder (paper 8)."""
+    layout: str = field(default="2d", metadata=KEY_UNLESS_DEFAULT)
+    """Visual tokens: 2d (one per patch, raster order) or 1d (the 1D-tokenizer baseline: N learnable
+    latent queries quantized in 1-D order; needs z_len = 0)."""
 
     @property
     def grid(self) -> int:
@@ -103,6 +108,10 @@ class TokenizerConfig(Config):
                 raise ConfigError(f"{heads}: {width} {w} / {heads} {h} must be a whole head dim divisible by {mult}")
         if self.z_len < 0:
             raise ConfigError(f"z_len: must be >= 0, got {self.z_len}")
+        if self.layout not in ("2d", "1d"):
+            raise ConfigError(f"layout: {self.layout!r} is not 2d or 1d")
+        if self.layout == "1d" and self.z_len:
+            raise ConfigError("layout: the 1D tokenizer is a baseline without prologue tokens (z_len = 0)")
         if self.post_hoc and self.z_len == 0:
             raise ConfigError("post_hoc: a prologue path needs z_len > 0")
         if self.prologue_temperature <= 0:
@@ -114,37 +123,40 @@ class TokenizerConfig(Config):
 
 
 class Encoder(nn.Module):
-    """Patch tokens (2D RoPE) + z_len learnable queries (1D RoPE after the patches), one transformer.
-    Prologue-Post's 2D encoder has no queries (its prologue encoder holds them)."""
+    """Patch tokens (2D RoPE) + Q learnable queries (1D RoPE after the patches), one transformer:
+    Q = z_len prologue queries, or N latent queries in the 1D layout. Prologue-Post's 2D encoder has
+    no queries (its prologue encoder holds them)."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        self.z_len = 0 if cfg.post_hoc else cfg.z_len
+        self.n_queries = cfg.num_patches if cfg.layout == "1d" else 0 if cfg.post_hoc else cfg.z_len
         self.patchify = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads)
         self.queries = None  # the baseline carries no unused prologue parameters; see add_queries
         head_dim, n = cfg.width // cfg.heads, cfg.num_patches
-        angles = torch.cat([grid_rope(cfg.grid, head_dim), rope_1d(torch.arange(n, n + self.z_len), head_dim)])
-        self.register_buffer("angles", angles, persistent=False)  # [N + Z, head_dim/2]
+        angles = torch.cat([grid_rope(cfg.grid, head_dim), rope_1d(torch.arange(n, n + self.n_queries), head_dim)])
+        self.register_buffer("angles", angles, persistent=False)  # [N + Q, head_dim/2]
 
     def add_queries(self) -> None:
-        """Create the z_len learnable queries; called after the shared modules are built, so that those
-        draw the same initial weights in every variant."""
-        if self.z_len:
-            self.queries = nn.Parameter(torch.randn(self.z_len, self.patchify.out_channels) * 0.02)
+        """Create the learnable queries; called after the shared modules are built, so that those draw
+        the same initial weights in every variant."""
+        if self.n_queries:
+            self.queries = nn.Parameter(torch.randn(self.n_queries, self.patchify.out_channels) * 0.02)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """images [B, C, H, W] -> patch outputs [B, N, width], query outputs [B, Z, width] (Z may be 0)."""
+        """images [B, C, H, W] -> patch outputs [B, N, width], query outputs [B, Q, width] (Q may be 0)."""
         x = self.patchify(images).flatten(2).transpose(1, 2)  # [B, N, width], raster order
         n = x.shape[1]
-        if self.z_len:
+        if self.n_queries:
             x = torch.cat([x, self.queries.expand(x.shape[0], -1, -1)], dim=1)  # [B, N + Z, width]
         x = self.transformer(x, self.angles)
         return x[:, :n], x[:, n:]
 
 
 class Decoder(nn.Module):
-    """Visual code vectors [B, N, code_dim] -> images [B, C, H, W]; it has no prologue input."""
+    """Visual code vectors [B, N, code_dim] -> images [B, C, H, W]; it has no prologue input. In the 1D
+    layout a learned mask token at every patch position (2D RoPE) reads the N codes (1D RoPE after
+    them), and the patches are predicted at the mask positions."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -152,10 +164,22 @@ class Decoder(nn.Module):
         self.proj_in = nn.Linear(cfg.code_dim, cfg.dec_width)
         self.transformer = Transformer(cfg.dec_width, cfg.dec_depth, cfg.dec_heads)
         self.proj_out = nn.Linear(cfg.dec_width, cfg.channels * cfg.patch_size**2)
-        self.register_buffer("angles", grid_rope(cfg.grid, cfg.dec_width // cfg.dec_heads), persistent=False)
+        head_dim, n = cfg.dec_width // cfg.dec_heads, cfg.num_patches
+        angles = grid_rope(cfg.grid, head_dim)  # [N, head_dim/2]
+        self.mask = None
+        if cfg.layout == "1d":  # drawn after the shared modules: their initial weights stay every variant's
+            self.mask = nn.Parameter(torch.randn(cfg.dec_width) * 0.02)
+            angles = torch.cat([angles, rope_1d(torch.arange(n, 2 * n), head_dim)])  # [2N, head_dim/2]
+        self.register_buffer("angles", angles, persistent=False)
 
     def forward(self, quantized: Tensor) -> Tensor:
-        x = self.proj_out(self.transformer(self.proj_in(quantized), self.angles))  # [B, N, C*p*p]
+        x = self.proj_in(quantized)  # [B, N, dec_width]
+        if self.mask is not None:
+            n = x.shape[1]
+            x = torch.cat([self.mask.expand(x.shape[0], n, -1), x], dim=1)  # [B, 2N, dec_width]
+            x = self.proj_out(self.transformer(x, self.angles)[:, :n])  # the mask positions: [B, N, C*p*p]
+        else:
+            x = self.proj_out(self.transformer(x, self.angles))  # [B, N, C*p*p]
         B, g, p = x.shape[0], self.grid, self.patch
         x = x.view(B, g, g, self.channels, p, p).permute(0, 3, 1, 4, 2, 5)  # [B, C, g, p, g, p]
         return x.reshape(B, self.channels, g * p, g * p)
@@ -187,6 +211,8 @@ class Tokenizer(nn.Module):
         patches, queries = self.encoder(images)
         if self.prologue_encoder is not None:  # the frozen 2D features: no gradient flows back into them
             queries = self.prologue_encoder(patches.detach())
+        if self.cfg.layout == "1d":  # the latent queries are the visual tokens
+            return Encoded(self.visual_quantizer(queries), None)
         prologue = self.prologue_quantizer(queries) if self.prologue_quantizer is not None else None
         return Encoded(self.visual_quantizer(patches), prologue)
 

@@ -2,8 +2,9 @@
 
     <arm>[_z<N>][_s<S>][_ent<W>][_tok<K>x][_ar<K>x]
 
-- arm: `baseline` (the 2D tokenizer: no prologue, no joint prior), `prologue`, or `prologue_post`
-  (the baseline's tokenizer frozen, a separate prologue path trained on top of it);
+- arm: `baseline` (the 2D tokenizer: no prologue, no joint prior), `baseline_1d` (the 1D, TiTok-style
+  tokenizer: as many latent tokens as patches, no prologue), `prologue`, or `prologue_post` (the
+  baseline's tokenizer frozen, a separate prologue path trained on top of it);
 - `_z<N>`: N prologue tokens instead of the profile's `tokenizer.z_len` (prologue arms);
 - `_s<S>`: training seed S for the tokenizer and the AR model (the profile's are 0): a second
   training run of the same arm, for the spread over training seeds;
@@ -26,9 +27,9 @@ from modeling.config import ConfigError
 from modeling.tokenizer import TokenizerConfig
 from modeling.tokenizer_trainer import TokenizerTrainConfig
 
-ARMS = ("baseline", "prologue", "prologue_post")
+ARMS = ("baseline", "baseline_1d", "prologue", "prologue_post")
 _NAME = re.compile(
-    r"(?P<arm>baseline|prologue_post|prologue)(?:_z(?P<z>[1-9]\d*))?(?:_s(?P<seed>\d+))?"
+    r"(?P<arm>baseline_1d|baseline|prologue_post|prologue)(?:_z(?P<z>[1-9]\d*))?(?:_s(?P<seed>\d+))?"
     r"(?:_ent(?P<ent>\d+(?:p\d+)?))?(?:_tok(?P<tok>[1-9]\d*)x)?(?:_ar(?P<ar>[1-9]\d*)x)?"
 )
 
@@ -73,6 +74,8 @@ class Variant:
         cfg = profile_tokenizer
         if self.arm == "baseline":
             return replace(cfg, z_len=0)
+        if self.arm == "baseline_1d":
+            return replace(cfg, z_len=0, layout="1d")
         if self.z_len is not None:
             cfg = replace(cfg, z_len=self.z_len)
         return replace(cfg, post_hoc=True) if self.arm == "prologue_post" else cfg
@@ -106,7 +109,7 @@ def parse_variant(name: str) -> Variant:
             f"{', '.join(ARMS)} (e.g. prologue_z8, baseline_s1, prologue_ent0p1, prologue_post_ar4x)"
         )
     arm = m["arm"]
-    if arm == "baseline" and (m["z"] or m["ent"]):
+    if arm.startswith("baseline") and (m["z"] or m["ent"]):
         raise ConfigError(f"variant: {name!r}: the baseline has no prologue tokens (no _z, no _ent)")
     entropy = float(m["ent"].replace("p", ".")) if m["ent"] else None
     return Variant(

@@ -97,6 +97,8 @@ def test_config_validation_and_docs():
         ({"z_len": -1}, "z_len: must be >= 0"),
         ({"visual_dropout": 1.5}, "visual_dropout: must be in [0, 1]"),
         ({"prologue_temperature": 0}, "prologue_temperature: must be > 0"),
+        ({"layout": "3d"}, "layout: '3d' is not 2d or 1d"),
+        ({"layout": "1d", "z_len": 4}, "layout: the 1D tokenizer is a baseline without prologue tokens"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             from_dict(TokenizerConfig, bad)
@@ -279,13 +281,15 @@ def test_logit_masks():
 # 8. a short overfit ------------------------------------------------------------------------------
 
 
-def test_overfit_reduces_l1_by_half():
-    tok = Tokenizer(tiny(0))
+# the 1D decoder must first learn where each latent's content goes (through attention): twice the steps
+@pytest.mark.parametrize("layout, steps", [("2d", 100), ("1d", 200)])
+def test_overfit_reduces_l1_by_half(layout, steps):
+    tok = Tokenizer(tiny(0, layout=layout))
     x = images(8)
     opt = torch.optim.AdamW(tok.parameters(), lr=1e-3)
     with torch.no_grad():
         start = (tok(x)[0] - x).abs().mean().item()
-    for _ in range(100):
+    for _ in range(steps):
         recon, enc = tok(x)
         loss = (recon - x).abs().mean() + enc.visual.loss
         opt.zero_grad()
@@ -297,6 +301,28 @@ def test_overfit_reduces_l1_by_half():
     assert end <= 0.5 * start, (start, end)
     used = enc.visual.usage.item() * V
     assert 1 <= enc.visual.perplexity.item() <= used + 1e-4 and 1 <= used <= min(V, 8 * N)
+
+
+def test_1d_tokenizer_quantizes_latent_queries_and_shares_the_2d_initial_weights():
+    """The 1D baseline: its N visual codes come from N learnable latent queries (not from the
+    patches), the decoder reads them beside a mask token per patch; the modules it shares with the
+    2D baseline start from the same weights for one seed."""
+    torch.manual_seed(0)
+    one = Tokenizer(tiny(0, layout="1d"))
+    torch.manual_seed(0)
+    two = Tokenizer(tiny(0))
+    shared = dict(two.named_parameters())
+    own = {n for n, _ in one.named_parameters() if n not in shared}
+    assert own == {"encoder.queries", "decoder.mask"} and one.encoder.queries.shape == (N, 32)
+    assert all(torch.equal(p, shared[n]) for n, p in one.named_parameters() if n in shared)
+    x = images()
+    recon, enc = one(x)
+    assert enc.visual.codes.shape == (B, N) and enc.prologue is None and recon.shape == x.shape
+    assert torch.equal(one.decode_codes(enc.visual.codes), recon)
+    with torch.no_grad():  # the codes move with the latent queries, the 2D tokenizer has none
+        before = one.encode(x).visual.codes
+        one.encoder.queries.add_(torch.randn_like(one.encoder.queries))
+        assert not torch.equal(one.encode(x).visual.codes, before) and two.encoder.queries is None
 
 
 # 9. discriminator and perceptual losses-----------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from modeling.config import ConfigError
@@ -93,3 +96,23 @@ def test_the_ablations_share_the_full_profiles_trained_arms(tmp_path, fashion_mn
         assert ablations.ar(v).key == full.ar(v).key and ablations.tokenizer(v).key == full.tokenizer(v).key
     assert ablations.tokens("baseline_ar4x").key == full.tokens("baseline").key
     assert ablations.tokenizer("prologue_post_ar4x").inputs == full.tokenizer("prologue_post").inputs
+
+
+def test_the_1d_arm_trains_exports_and_feeds_the_ar(tiny_graph, tmp_path):
+    """The 1D-tokenizer baseline goes through the same steps: its tokenizer learns, its token dataset
+    holds N one-dimensional codes and no prologue, and the AR model trains on them."""
+    from pipelines.token_export import export_tokens
+    from pipelines.train_ar import train_ar
+    from pipelines.train_tokenizer import train_tokenizer
+    from tests.conftest import copy_store
+
+    store = copy_store(tiny_graph.root, Store(str(tmp_path)), ("image_shards",))
+    plan = tiny_plan(store, ["variants=baseline,baseline_1d"])
+    tok = train_tokenizer(plan, "baseline_1d", progress=False)
+    assert tok.manifest.config["model"]["layout"] == "1d" and "prologue_codes" not in tok.manifest.metrics
+    history = [json.loads(line) for line in tok.artifact.read_bytes("history.jsonl").decode().splitlines()]
+    assert history[-1]["l1"] < 0.85 * history[0]["l1"]  # 30 tiny steps: it learns (its codebook barely)
+    tokens = export_tokens(plan, "baseline_1d", progress=False)
+    assert (tokens.manifest.codes.num_visual, tokens.manifest.codes.z_len) == (16, 0)
+    ar = train_ar(plan, "baseline_1d", progress=False)
+    assert ar.manifest.counts.steps == 40 and ar.manifest.metrics["val_ce_visual"] < 2 * math.log(64)
