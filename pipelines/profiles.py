@@ -486,16 +486,16 @@ PROFILES["imagenet256-l"] = merge(
 
 # The small-scale reproduction of the paper's comparison: fashion32's settings unchanged (so the
 # baseline and prologue artefacts are shared with `make demo`), plus Prologue-Post, the prologue
-# variant with 2 and 8 prologue tokens, a second training seed of the baseline and the prologue
+# variant with 2 and 8 prologue tokens, the 1D-tokenizer baseline, a second training seed of the baseline and the prologue
 # (the spread over training), and three sampling runs per variant (the spread over sampling).
 PROFILES["fashion32-full"] = merge(
     PROFILES["fashion32"],
     {
         "version": 2,
-        "description": "the paper's comparison at small scale: fashion32 + Prologue-Post + z_len 2/8 + a second "
-        "training seed, 3 sampling runs",
-        "variants": ["baseline", "prologue", "prologue_post", "prologue_z2", "prologue_z8", "baseline_s1",
-                     "prologue_s1"],
+        "description": "the paper's comparison at small scale: fashion32 + Prologue-Post + z_len 2/8 + the 1D "
+        "tokenizer + a second training seed, 3 sampling runs",
+        "variants": ["baseline", "prologue", "prologue_post", "prologue_z2", "prologue_z8", "baseline_1d",
+                     "baseline_s1", "prologue_s1"],
         # 10,000 samples per set for the domain evaluator; EfficientNet-Lite0 embeds the first 1,000
         "evaluation": {"sampling_runs": 3, "samples_per_class": 1000, "feature_samples_per_class": 100},
     },
