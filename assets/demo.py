@@ -14,7 +14,7 @@ from dagster._core.definitions.observe import observe  # observing source assets
 
 from assets.data import raw_images
 from assets.definitions import defs
-from pipelines.results import README, copy_into_readme
+from pipelines.results import README, copy_into_readme, readme_block
 
 # (asset, metadata keys worth a line on the terminal), in dependency order
 STEPS: list[tuple[str, tuple[str, ...]]] = [
@@ -68,8 +68,12 @@ def main() -> int:
     print("\n==> results")
     print("\n".join(summary))
     print(f"\n==> results table ({profile.name})\n{table}")
+    results_md = mats.get(("results_table", None), {})
+    if "cache_key" in results_md:  # the table and its figures, as the README shows them
+        artifact = resources["store"].store().artifact("results_table", results_md["cache_key"])
+        table = readme_block(artifact, profile.name)
     if copy_into_readme(f"results:{profile.name}", table):
-        print(f"(copied into {README})")
+        print(f"(copied into {README}, figures into docs/figures/{profile.name}/)")
     print(f"Dagster instance: {os.environ.get('DAGSTER_HOME')} (run {result.run_id})")
     print("Open the UI with `make ui` and browse http://127.0.0.1:3000 (Assets: metadata, grids, curves, tables).")
     return 0

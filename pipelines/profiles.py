@@ -486,8 +486,9 @@ PROFILES["imagenet256-l"] = merge(
 
 # The small-scale reproduction of the paper's comparison: fashion32's settings unchanged (so the
 # baseline and prologue artefacts are shared with `make demo`), plus Prologue-Post, the prologue
-# variant with 2 and 8 prologue tokens, the 1D-tokenizer baseline, a second training seed of the baseline and the prologue
-# (the spread over training), and three sampling runs per variant (the spread over sampling).
+# variant with 2 and 8 prologue tokens, the 1D-tokenizer baseline, a second training seed of the
+# baseline and the prologue (the spread over training), and three sampling runs per variant (the
+# spread over sampling).
 PROFILES["fashion32-full"] = merge(
     PROFILES["fashion32"],
     {

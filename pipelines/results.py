@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.figures import budget_png, side_by_side
+from pipelines.manifests import read
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.store import StepResult
 from pipelines.variants import parse_variant
@@ -294,14 +295,26 @@ def _write(plan: Plan, target: Target, rows: list[dict[str, Any]]) -> dict:
     )
 
 
+# The table's figures, with what each shows (the README's alt text).
+FIGURES = {
+    "samples.png": "every variant's first sample set side by side: 8 per class, without and with guidance",
+    "resample.png": "fixed-prologue resampling (the first prologue variant): each row a sample, then 7 redraws "
+    "of its visual tokens with its prologue kept",
+    "budgets.png": "the domain figures against each training budget the profile varies",
+}
+
+
 def _figures(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, bytes]:
-    """samples.png: each variant's first sample set side by side (8 per class, without and with
-    guidance); budgets.png: the domain figures against each training budget the profile varies."""
-    grids = {}
+    """FIGURES, from the sample sets' grids and the rows (budgets.png only where a budget varies)."""
+    grids, resample = {}, None
     for v in plan.profile.variants:
         art = plan.samples(v)[0].artifact
         grids[v] = {"no CFG": art.read_bytes("grid_nocfg.png"), "CFG": art.read_bytes("grid_cfg.png")}
+        if resample is None and plan.profile.tokenizer_for(v).z_len:
+            resample = art.read_bytes("resample_visual.png")
     out = {"samples.png": side_by_side(grids)}
+    if resample is not None:
+        out["resample.png"] = resample
     budgets = budget_png(rows, {"fd_domain_nocfg": "FD-domain, no CFG", "fd_domain_cfg": "FD-domain, CFG",
                                 "class_consistency_nocfg": "class consistency, no CFG"})  # fmt: skip
     if budgets is not None:
@@ -320,6 +333,20 @@ if __name__ == "__main__":
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(artifact: Any, profile: str, root: Path = README.parent) -> str:
+    """A results artefact as the README shows it: its Markdown tables, then its figures, copied to
+    `docs/figures/<profile>/` and linked."""
+    text = artifact.read_bytes("results.md").decode()
+    files = read(artifact, "results_table").files
+    for name, alt in FIGURES.items():
+        if name in files:
+            dest = root / "docs" / "figures" / profile / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(artifact.read_bytes(name))
+            text += f"\n![{alt}](docs/figures/{profile}/{name})\n"
+    return text
 
 
 def copy_into_readme(block: str, text: str, readme: Path = README) -> bool:

@@ -70,8 +70,9 @@ def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
     [art] = (root / "results_table").iterdir()
     table = pq.read_table(art / "results.parquet").to_pylist()
     assert [r["variant"] for r in table] == ["baseline", "prologue"]
-    # both variants' samples side by side; no budget varies on tiny, so no budget plot
+    # both variants' samples side by side, the prologue's resampling rows; no budget varies on tiny
     assert Image.open(art / "samples.png").size[0] > 2 * 8 * 32 and not (art / "budgets.png").exists()
+    assert (art / "resample.png").read_bytes() == next((root / "samples").glob("*/resample_visual.png")).read_bytes()
     for r in table:
         assert r["rfd_effnetlite0"] > 0 and r["gfd_effnetlite0_cfg"] > 0 and r["gfd_effnetlite0_nocfg"] > 0
         assert 0 <= r["probe_top1"] <= 1 and r["reference_images"] == 128
@@ -91,6 +92,20 @@ def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
     md = (art / "results.md").read_text()
     assert "not FID" in md and "| prologue |" in md
     assert f"(first {table[0]['probe_tokens']} visual)" in md and f"({table[1]['probe_tokens']} prologue)" in md
+
+
+def test_the_readme_block_holds_the_tables_and_links_the_copied_figures(full_run, tmp_path):
+    from pipelines.results import readme_block
+
+    root = full_run[0]
+    [key] = [p.name for p in (root / "results_table").iterdir()]
+    text = readme_block(Store(str(root)).artifact("results_table", key), "tiny", root=tmp_path)
+    assert text.startswith((root / "results_table" / key / "results.md").read_text())
+    for name in ("samples.png", "resample.png"):
+        copied = tmp_path / "docs" / "figures" / "tiny" / name
+        assert copied.read_bytes() == (root / "results_table" / key / name).read_bytes()
+        assert f"](docs/figures/tiny/{name})" in text
+    assert "budgets.png" not in text
 
 
 def _reused(md: dict) -> bool:
