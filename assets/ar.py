@@ -42,13 +42,13 @@ def ar_model(
         metadata = {
             "steps": m.counts.steps,
             "parameters": m.counts.parameters,
-            "final_loss": round(metrics["final"]["loss"], 4),
+            "final_loss": round(metrics["final"].get("loss", float("nan")), 4),  # OneStage: no stage-3 loss
             "val_ce_visual": round(metrics["val_ce_visual"], 4),
             "val_accuracy_visual": round(metrics["val_accuracy_visual"], 4),
             "val_sequences": metrics["val_sequences"],
             "ranks": metrics["ranks"],
             "bf16": m.deepspeed["bf16"],
-            "deepspeed_config": MetadataValue.json(m.deepspeed["config"]),
+            "deepspeed_config": MetadataValue.json(m.deepspeed["config"] or {}),  # OneStage: no DeepSpeed run
             "loss_curves": png_markdown(art.read_bytes("loss_curves.png"), "AR training curves"),
         }
         if "val_ce_prologue" in metrics:

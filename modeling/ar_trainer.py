@@ -178,18 +178,24 @@ class ARTrainer:
         d = self.device
         return labels.to(d), (prologue.to(d) if self.model_cfg.z_len else None), visual.to(d)
 
-    @torch.no_grad()
     def evaluate(self, batches, max_batches: int = 0) -> dict[str, float]:
         """Conditional CE and accuracy per segment of the EMA weights on held-out batches."""
-        ema = self.ema.module.eval()
-        sums: dict[str, float] = {}
-        n = 0
-        for i, (labels, prologue, visual) in enumerate(batches):
-            if max_batches and i >= max_batches:
-                break
-            out = ema(*self._inputs(labels, prologue, visual))
-            for k, v in out.items():
-                if k != "logits":
-                    sums[k] = sums.get(k, 0.0) + v.item() * len(labels)
-            n += len(labels)
-        return {f"val_{k}": v / max(1, n) for k, v in sums.items()} | {"val_sequences": n}
+        return evaluate(self.ema.module, batches, self.device, max_batches)
+
+
+@torch.no_grad()
+def evaluate(model: ARModel, batches, device: torch.device | str = "cpu", max_batches: int = 0) -> dict[str, float]:
+    """`val_`-prefixed conditional CE and accuracy per segment of `model` (put in eval mode) on
+    held-out (labels, prologue, visual) batches, and `val_sequences`."""
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for i, (labels, prologue, visual) in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        out = model(labels.to(device), prologue.to(device) if model.Z else None, visual.to(device))
+        for k, v in out.items():
+            if k != "logits":
+                sums[k] = sums.get(k, 0.0) + v.item() * len(labels)
+        n += len(labels)
+    return {f"val_{k}": v / max(1, n) for k, v in sums.items()} | {"val_sequences": n}

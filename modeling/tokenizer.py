@@ -67,6 +67,11 @@ class TokenizerConfig(Config):
     """Joint AR prior attention heads."""
     visual_dropout: float = 0.5
     """Fraction of samples whose visual inputs to the joint AR prior are all replaced by EOS."""
+    prior_classes: int = field(default=0, metadata=KEY_UNLESS_DEFAULT)
+    """Classes of a class-conditional joint prior (Prologue-OneStage: its BOS is a class embedding
+    with one more, unconditional, row); 0: unconditional, one learned BOS (the method's stage 1)."""
+    prior_label_dropout: float = field(default=0.1, metadata=KEY_UNLESS_DEFAULT)
+    """A class-conditional prior's training-time probability of the unconditional class."""
     post_hoc: bool = field(default=False, metadata=KEY_UNLESS_DEFAULT)
     """Prologue-Post: the 2D tokenizer (no queries) is frozen and a separate prologue encoder reads its
     patch outputs with the queries; only that encoder, the prologue quantizer and the prior train."""
@@ -118,6 +123,10 @@ class TokenizerConfig(Config):
             raise ConfigError(f"prologue_temperature: must be > 0, got {self.prologue_temperature}")
         if self.beta < 0:
             raise ConfigError(f"beta: must be >= 0, got {self.beta}")
+        if self.prior_classes < 0:
+            raise ConfigError(f"prior_classes: must be >= 0, got {self.prior_classes}")
+        if not 0 <= self.prior_label_dropout <= 1:
+            raise ConfigError(f"prior_label_dropout: must be in [0, 1], got {self.prior_label_dropout}")
         if not 0 <= self.visual_dropout <= 1:
             raise ConfigError(f"visual_dropout: must be in [0, 1], got {self.visual_dropout}")
 

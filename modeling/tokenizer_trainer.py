@@ -179,8 +179,13 @@ class TokenizerTrainer:
         torch.manual_seed(cfg.seed * 1009 + 1 + rank)  # then rank-specific dropout draws
 
     # -- one batch -----------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor) -> dict[str, float]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        """One batch: images uint8 [B, C, H, W], labels [B] (read by a class-conditional prior only)."""
         cfg = self.cfg
+        if labels is not None and self.model_cfg.prior_classes:
+            labels = labels.to(self.device)
+        else:
+            labels = None
         x = to_unit(images.to(self.device, non_blocking=True))
         post = self.model_cfg.post_hoc  # the visual path is frozen: the prior's CE is the whole loss
         gan_on = self.step >= cfg.gan_start and not post
@@ -210,7 +215,7 @@ class TokenizerTrainer:
             loss = loss + cfg.gan_weight * gen
             stats["gan_g"] = gen.item()
         if self.prior is not None:
-            ce = self.prior(enc.prologue.onehot, enc.visual.codes)
+            ce = self.prior(enc.prologue.onehot, enc.visual.codes, class_ids=labels)
             loss = loss + self._sequence_ce(ce, cfg.ce_prologue_weight, cfg.ce_visual_weight)
             if cfg.prologue_entropy_weight:
                 loss = loss + cfg.prologue_entropy_weight * enc.prologue.entropy_loss
@@ -232,7 +237,7 @@ class TokenizerTrainer:
 
         # step 2: joint prior on detached codes, discriminator on detached reconstructions (each its own step)
         if self.prior_dp is not None:
-            ce = self.prior_dp(enc.prologue.onehot.detach(), enc.visual.codes.detach())
+            ce = self.prior_dp(enc.prologue.onehot.detach(), enc.visual.codes.detach(), class_ids=labels)
             self._aux_step(self._sequence_ce(ce, 1.0, 1.0), self.opt_prior, self.sched_prior)
             stats.update(prior_ce_prologue=ce["ce_prologue"].item(), prior_ce_visual=ce["ce_visual"].item())
         if gan_on:

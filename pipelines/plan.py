@@ -185,7 +185,9 @@ class Plan:
     def tokenizer(self, variant: str) -> Target:
         """The variant's tokenizer: that of its `tokenizer_variant` (an AR-budget variant shares it)."""
         v = self.profile.variant(variant)
-        model = v.tokenizer(self.profile.tokenizer)
+        model = self.profile.tokenizer_for(variant)
+        if v.arm == "prologue_onestage":  # a class-conditional joint prior over the source's classes
+            model = replace(model, prior_classes=len(self.listing.classes))
         # the separate prologue encoder's size is Prologue-Post's alone: it keys no other variant
         model_key = {k: x for k, x in key_dict(model).items() if model.post_hoc or not k.startswith("post_")}
         train = key_dict(v.tokenizer_train(self.profile.tokenizer_train))
@@ -219,6 +221,10 @@ class Plan:
     def ar(self, variant: str) -> Target:
         cfg = self.profile.ar_train_for(variant)
         model = model_config(cfg, self.codes(variant), len(self.listing.classes))
+        if self.profile.variant(variant).arm == "prologue_onestage":  # the stage-1 joint prior, not trained here
+            config = {"variant": variant, "model": to_dict(model), "from": "joint_prior"}
+            inputs = {"tokenizer": self.tokenizer(variant).key, "token_dataset": self.tokens(variant).key}
+            return _target(self.store, "ar_model", variant, config, inputs)
         config = {"variant": variant, "model": to_dict(model), "train": key_dict(cfg)}
         return _target(self.store, "ar_model", variant, config, {"token_dataset": self.tokens(variant).key})
 
@@ -390,7 +396,8 @@ class Plan:
             return [(a, v) for v in self.profile.variants for a in per_variant]
         upstream = {
             "token_dataset": [("tokenizer", partition)],
-            "ar_model": [("token_dataset", partition)],
+            "ar_model": [("token_dataset", partition)]
+            + ([("tokenizer", partition)] if self.profile.variant(partition).arm == "prologue_onestage" else []),
             "sampling_tuning": [("ar_model", partition), ("tokenizer", partition), ("domain_classifier", None)],
             "samples": [("ar_model", partition), ("tokenizer", partition), ("sampling_tuning", partition)],
             "reconstruction_metrics": [("tokenizer", partition), ("domain_classifier", None), *refs],

@@ -8,10 +8,11 @@ or value fails here, before any work starts, with a `ConfigError` that names the
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from modeling.ar_model import AR_SIZES
 from modeling.ar_trainer import ARTrainConfig
 from modeling.config import NOT_IN_KEY, Config, ConfigError, from_dict, merge, parse_overrides
 from modeling.domain_classifier import DomainClassifierConfig
@@ -288,8 +289,15 @@ class Profile(Config):
         return parse_variant(name)
 
     def tokenizer_for(self, variant: str) -> TokenizerConfig:
-        """The tokenizer config of one of the profile's variants."""
-        return self.variant(variant).tokenizer(self.tokenizer)
+        """The tokenizer config of one of the profile's variants (Prologue-OneStage: its joint prior has
+        the AR model's size; the plan sets its classes from the source)."""
+        v = self.variant(variant)
+        cfg = v.tokenizer(self.tokenizer)
+        if v.arm == "prologue_onestage":
+            size = AR_SIZES[self.ar_train.size]
+            cfg = replace(cfg, prior_width=size["width"], prior_depth=size["depth"], prior_heads=size["heads"],
+                          prior_label_dropout=self.ar_train.label_dropout)  # fmt: skip
+        return cfg
 
     def tokenizer_train_for(self, variant: str) -> TokenizerTrainConfig:
         """The tokenizer training settings of one of the profile's variants."""
@@ -486,17 +494,17 @@ PROFILES["imagenet256-l"] = merge(
 
 # The small-scale reproduction of the paper's comparison: fashion32's settings unchanged (so the
 # baseline and prologue artefacts are shared with `make demo`), plus Prologue-Post, the prologue
-# variant with 2 and 8 prologue tokens, the 1D-tokenizer baseline, a second training seed of the
-# baseline and the prologue (the spread over training), and three sampling runs per variant (the
-# spread over sampling).
+# variant with 2 and 8 prologue tokens, the 1D-tokenizer baseline, Prologue-OneStage, a second
+# training seed of the baseline and the prologue (the spread over training), and three sampling runs
+# per variant (the spread over sampling).
 PROFILES["fashion32-full"] = merge(
     PROFILES["fashion32"],
     {
         "version": 2,
         "description": "the paper's comparison at small scale: fashion32 + Prologue-Post + z_len 2/8 + the 1D "
-        "tokenizer + a second training seed, 3 sampling runs",
+        "tokenizer + Prologue-OneStage + a second training seed, 3 sampling runs",
         "variants": ["baseline", "prologue", "prologue_post", "prologue_z2", "prologue_z8", "baseline_1d",
-                     "baseline_s1", "prologue_s1"],
+                     "prologue_onestage", "baseline_s1", "prologue_s1"],
         # 10,000 samples per set for the domain evaluator; EfficientNet-Lite0 embeds the first 1,000
         "evaluation": {"sampling_runs": 3, "samples_per_class": 1000, "feature_samples_per_class": 100},
     },

@@ -15,6 +15,7 @@ Standalone: `python -m pipelines.train_ar --profile fashion32 --variant prologue
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -46,7 +47,48 @@ def train_ar(
     """Train (or find) the AR model of one variant on its plan token dataset; returns once its
     manifest is committed."""
     target = plan.ar(variant)
+    if target.config.get("from") == "joint_prior":  # Prologue-OneStage: no stage 3
+        return cached_or_run(target, lambda: _from_prior(plan, target, variant, on_log), on_log)
     return cached_or_run(target, lambda: _train(plan, target, variant, progress, on_log, runner), on_log)
+
+
+def _from_prior(plan: Plan, target: Target, variant: str, on_log: Callable[[str], None]) -> dict:
+    """Prologue-OneStage: the tokenizer's class-conditional joint prior, stored as the AR model (its
+    modules are the AR model's, name for name) and evaluated on the val token rows like a trained one."""
+    from modeling.ar_model import ARConfig, ARModel
+    from modeling.ar_trainer import evaluate
+    from modeling.config import from_dict
+    from pipelines.loaders import load_prior
+    from pipelines.token_reader import token_loader
+
+    tok, tokens = plan.tokenizer(variant), plan.tokens(variant)
+    tok_manifest = tok.require()
+    tokens.require()
+    model = ARModel(from_dict(ARConfig, target.config["model"]))
+    model.load_state_dict(load_prior(tok.artifact).state_dict())  # strict: the same modules and shapes
+    on_log(f"{target.label}: the joint prior of {tok.label} ({model.num_params():,} parameters), no stage 3")
+    val = token_loader(tokens.artifact, 500, num_workers=0, split="val", shuffle=False, epochs=1, rank=0, world_size=1)
+    history = [json.loads(line) for line in tok.artifact.read_bytes("history.jsonl").decode().splitlines()]
+    final = {k.removeprefix("prior_"): v for k, v in history[-1].items() if k.startswith("prior_ce")}
+    metrics = {**evaluate(model, val), "ranks": tok_manifest.metrics["ranks"], "final": final}
+    artifact = target.artifact
+    weights = {k: v.float() for k, v in model.state_dict().items()}
+    # the prior has no EMA (the authors sample from the non-EMA AR weights): both files hold its weights
+    files = {rel: artifact.put_safetensors(rel, weights) for rel in ("model/ar.safetensors",
+                                                                     "model/ar_ema.safetensors")}  # fmt: skip
+    files["metrics.json"] = artifact.put_json("metrics.json", metrics)
+    files["loss_curves.png"] = artifact.put_bytes("loss_curves.png", tok.artifact.read_bytes("loss_curves.png"))
+    return artifact.commit(
+        files,
+        counts={"steps": 0, "parameters": model.num_params()},
+        metrics=metrics,
+        checkpoints=[],
+        deepspeed={"config": None, "bf16": False},
+        profile=plan.label,
+        config=target.config,
+        lineage=target.inputs,
+        code_version=CODE_VERSIONS[ASSET],
+    )
 
 
 def _train(plan: Plan, target: Target, variant: str, progress: bool, on_log, runner: Runner | None) -> dict:
@@ -85,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         ASSET,
         summary=lambda m: (
-            f"final train loss {m.metrics['final']['loss']:.4f}, val ce_visual {m.metrics['val_ce_visual']:.4f}"
+            f"{m.counts.steps} steps, val ce_visual {m.metrics['val_ce_visual']:.4f}"
         ),
     )
 

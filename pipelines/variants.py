@@ -3,8 +3,10 @@
     <arm>[_z<N>][_s<S>][_ent<W>][_tok<K>x][_ar<K>x]
 
 - arm: `baseline` (the 2D tokenizer: no prologue, no joint prior), `baseline_1d` (the 1D, TiTok-style
-  tokenizer: as many latent tokens as patches, no prologue), `prologue`, or `prologue_post` (the
-  baseline's tokenizer frozen, a separate prologue path trained on top of it);
+  tokenizer: as many latent tokens as patches, no prologue), `prologue`, `prologue_post` (the
+  baseline's tokenizer frozen, a separate prologue path trained on top of it) or `prologue_onestage`
+  (Prologue-OneStage: the joint prior is the profile's AR model, class-conditional, trained with the
+  tokenizer in one stage and evaluated as the AR model: no stage 3);
 - `_z<N>`: N prologue tokens instead of the profile's `tokenizer.z_len` (prologue arms);
 - `_s<S>`: training seed S for the tokenizer and the AR model (the profile's are 0): a second
   training run of the same arm, for the spread over training seeds;
@@ -27,9 +29,9 @@ from modeling.config import ConfigError
 from modeling.tokenizer import TokenizerConfig
 from modeling.tokenizer_trainer import TokenizerTrainConfig
 
-ARMS = ("baseline", "baseline_1d", "prologue", "prologue_post")
+ARMS = ("baseline", "baseline_1d", "prologue", "prologue_post", "prologue_onestage")
 _NAME = re.compile(
-    r"(?P<arm>baseline_1d|baseline|prologue_post|prologue)(?:_z(?P<z>[1-9]\d*))?(?:_s(?P<seed>\d+))?"
+    r"(?P<arm>baseline_1d|baseline|prologue_post|prologue_onestage|prologue)(?:_z(?P<z>[1-9]\d*))?(?:_s(?P<seed>\d+))?"
     r"(?:_ent(?P<ent>\d+(?:p\d+)?))?(?:_tok(?P<tok>[1-9]\d*)x)?(?:_ar(?P<ar>[1-9]\d*)x)?"
 )
 
@@ -111,6 +113,8 @@ def parse_variant(name: str) -> Variant:
     arm = m["arm"]
     if arm.startswith("baseline") and (m["z"] or m["ent"]):
         raise ConfigError(f"variant: {name!r}: the baseline has no prologue tokens (no _z, no _ent)")
+    if arm == "prologue_onestage" and m["ar"]:
+        raise ConfigError(f"variant: {name!r}: Prologue-OneStage trains no stage-3 AR model (no _ar)")
     entropy = float(m["ent"].replace("p", ".")) if m["ent"] else None
     return Variant(
         name,

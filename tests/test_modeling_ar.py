@@ -196,3 +196,35 @@ def test_config_validation():
             from_dict(ARConfig, bad)
     with pytest.raises(ConfigError, match=r"^heads: "):
         ARModel(ARConfig(width=64, heads=3))
+
+
+def test_a_class_conditional_joint_prior_is_an_ar_model_name_for_name():
+    """Prologue-OneStage evaluates its stage-1 joint prior as the AR model: the same modules, so the
+    prior's weights load strictly into an ARModel of its size, which then gives the prior's logits."""
+    import torch.nn.functional as F
+
+    from modeling.joint_prior import JointPrior
+    from modeling.tokenizer import TokenizerConfig
+
+    size = AR_SIZES["tiny"]
+    tok_cfg = TokenizerConfig(image_size=12, patch_size=4, visual_codebook=V, prologue_codebook=P, z_len=Z,
+                              prior_width=size["width"], prior_depth=size["depth"], prior_heads=size["heads"],
+                              prior_classes=C)  # fmt: skip
+    prior = JointPrior(tok_cfg).eval()  # 9 visual tokens
+    model = ARModel(ARConfig(**size, num_classes=C, visual_codebook=V, prologue_codebook=P, z_len=Z, num_visual=9))
+    model.load_state_dict(prior.state_dict())  # strict
+    classes, prologue, _ = batch()
+    visual = torch.randint(0, V, (B, 9))
+    with torch.no_grad():
+        ours = prior(F.one_hot(prologue, P).float(), visual, visual_dropout=0.0, class_ids=classes)["logits"]
+        theirs = model.eval()(classes, prologue, visual)["logits"]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # without classes the prior reads the unconditional row, like the AR model's class id C
+    with torch.no_grad():
+        uncond = prior(F.one_hot(prologue, P).float(), visual, visual_dropout=0.0)["logits"]
+        assert torch.allclose(uncond, model(torch.full((B,), C), prologue, visual)["logits"], atol=1e-5)
+    prior.train()  # label dropout 1.0: every class becomes the unconditional one
+    prior.label_dropout = 1.0
+    with torch.no_grad():
+        dropped = prior(F.one_hot(prologue, P).float(), visual, visual_dropout=0.0, class_ids=classes)["logits"]
+    assert torch.allclose(dropped, uncond, atol=1e-5)

@@ -37,6 +37,7 @@ def test_names_parse_into_what_they_change():
 @pytest.mark.parametrize("name, message", [
     ("baseline_z4", "no prologue tokens"),
     ("baseline_ent0", "no prologue tokens"),
+    ("prologue_onestage_ar4x", "no stage-3 AR model"),
     ("prologue_ar4x_s1", "is not <arm>"),  # suffixes in their order only
     ("prologue_z0", "is not <arm>"),
     ("prologue_tok0x", "is not <arm>"),
@@ -116,3 +117,36 @@ def test_the_1d_arm_trains_exports_and_feeds_the_ar(tiny_graph, tmp_path):
     assert (tokens.manifest.codes.num_visual, tokens.manifest.codes.z_len) == (16, 0)
     ar = train_ar(plan, "baseline_1d", progress=False)
     assert ar.manifest.counts.steps == 40 and ar.manifest.metrics["val_ce_visual"] < 2 * math.log(64)
+
+
+def test_the_onestage_arm_evaluates_its_joint_prior_as_the_ar_model(tiny_graph, tmp_path):
+    """Prologue-OneStage: the tokenizer trains a class-conditional joint prior of the profile's AR size;
+    its `ar_model` is that prior (no stage-3 steps), which the AR loader reads as an ARModel."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipelines.loaders import load_ar, load_prior
+    from pipelines.token_export import export_tokens
+    from pipelines.token_reader import token_loader
+    from pipelines.train_ar import train_ar
+    from pipelines.train_tokenizer import train_tokenizer
+    from tests.conftest import copy_store
+
+    store = copy_store(tiny_graph.root, Store(str(tmp_path)), ("image_shards",))
+    plan = tiny_plan(store, ["variants=baseline,prologue_onestage"])
+    assert plan.deps("ar_model", "prologue_onestage") == [("token_dataset", "prologue_onestage"),
+                                                          ("tokenizer", "prologue_onestage")]  # fmt: skip
+    tok = train_tokenizer(plan, "prologue_onestage", progress=False)
+    model_cfg = tok.manifest.config["model"]
+    assert (model_cfg["prior_width"], model_cfg["prior_depth"], model_cfg["prior_classes"]) == (64, 2, 10)
+    export_tokens(plan, "prologue_onestage", progress=False)
+    ar = train_ar(plan, "prologue_onestage", progress=False)
+    assert ar.manifest.counts.steps == 0 and ar.manifest.metrics["val_sequences"] == 128
+    model, prior = load_ar(ar.artifact), load_prior(tok.artifact)
+    labels, prologue, visual = next(iter(token_loader(plan.tokens("prologue_onestage").artifact, 8, num_workers=0,
+                                                      split="val", shuffle=False, epochs=1, rank=0,
+                                                      world_size=1)))  # fmt: skip
+    with torch.no_grad():
+        expected = prior(F.one_hot(prologue, 16).float(), visual, visual_dropout=0.0, class_ids=labels)["logits"]
+        assert torch.allclose(model(labels, prologue, visual)["logits"], expected, atol=1e-5)
+    assert train_ar(plan, "prologue_onestage", progress=False).cached

@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Iterator
 
-import torch
 import torch.distributed as dist
 
 from modeling.config import from_dict
@@ -27,8 +26,9 @@ ASSET = "tokenizer"
 CURVES = ("l1", "l2", "vq", "ce_prologue", "ce_visual", "prior_ce_prologue", "prior_ce_visual", "gan_g", "gan_d")
 
 
-def _batches(artifact: Artifact, cfg, rank: int, world: int, epoch: int, skip: int) -> Iterator[torch.Tensor]:
-    """Endless training batches: a fresh seeded shuffle per epoch; starts `skip` batches into `epoch`."""
+def _batches(artifact: Artifact, cfg, rank: int, world: int, epoch: int, skip: int) -> Iterator[tuple]:
+    """Endless training batches (epoch, batches done in it, images, labels): a fresh seeded shuffle per
+    epoch; starts `skip` batches into `epoch`."""
     while True:
         loader = image_loader(
             artifact,
@@ -39,9 +39,9 @@ def _batches(artifact: Artifact, cfg, rank: int, world: int, epoch: int, skip: i
             shuffle=cfg.shuffle_buffer,
             seed=cfg.seed * 7919 + epoch,
         )
-        for i, (images, _) in enumerate(loader):
+        for i, (images, labels) in enumerate(loader):
             if i >= skip and images.shape[0] == cfg.batch_size:
-                yield epoch, i + 1, images
+                yield epoch, i + 1, images, labels
         epoch, skip = epoch + 1, 0
 
 
@@ -91,10 +91,10 @@ def _train(ctx, trainer, cfg, artifact: Artifact, train: Artifact, history: list
     t0, last_step = time.perf_counter(), trainer.step
     data_checksum = history[-1]["data_checksum"] if history else 0
     while trainer.step < cfg.steps:
-        epoch, done_in_epoch, images = next(batches)
+        epoch, done_in_epoch, images, labels = next(batches)
         # a running checksum of every batch seen: two arms with the same data order log the same values
         data_checksum = (data_checksum * 1000003 + int(images.sum())) % (1 << 61)
-        stats = trainer.train_step(images)
+        stats = trainer.train_step(images, labels)
         bar.update(1)
         if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
             rate = (trainer.step - last_step) * cfg.batch_size * ctx.world / (time.perf_counter() - t0)
