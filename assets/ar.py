@@ -49,7 +49,7 @@ def ar_model(
             "ranks": metrics["ranks"],
             "bf16": m.deepspeed["bf16"],
             "deepspeed_config": MetadataValue.json(m.deepspeed["config"] or {}),  # OneStage: no DeepSpeed run
-            "loss_curves": png_markdown(art.read_bytes("loss_curves.png"), "AR training curves"),
+            "loss_curves": png_markdown(art, "loss_curves.png", "AR training curves"),
         }
         if "val_ce_prologue" in metrics:
             metadata["val_ce_prologue"] = round(metrics["val_ce_prologue"], 4)

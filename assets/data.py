@@ -71,8 +71,15 @@ def per_variant(
     return MaterializeResult(data_version=data_version(keys))
 
 
-def png_markdown(png: bytes, alt: str) -> MetadataValue:
-    """An image the Dagster UI shows inline in the asset's metadata."""
+INLINE_LIMIT = 1 << 20  # bytes: larger PNGs are linked, never inlined into an event-log row
+
+
+def png_markdown(artifact, rel: str, alt: str) -> MetadataValue:
+    """A stored PNG of `artifact` as asset metadata: inline (the UI shows it) up to INLINE_LIMIT bytes,
+    else a link to the file in the store."""
+    png = artifact.read_bytes(rel)
+    if len(png) > INLINE_LIMIT:
+        return MetadataValue.md(f"[{alt}]({artifact.file_uri(rel)}) ({len(png) / 1e6:.1f} MB: stored, not inlined)")
     return MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
@@ -119,7 +126,7 @@ def image_shards(context: AssetExecutionContext, store: StoreResource, profile: 
             f"{split}_per_class": MetadataValue.json(counts.per_class),
         }
         if "preview.png" in m.files:
-            metadata[f"{split}_preview"] = png_markdown(art.read_bytes("preview.png"), f"{split} preview")
+            metadata[f"{split}_preview"] = png_markdown(art, "preview.png", f"{split} preview")
         keys[split] = art.key
         problems[split] = checks.shard_problems(art)
     yield MaterializeResult(metadata=metadata, data_version=data_version(keys))

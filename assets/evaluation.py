@@ -97,13 +97,12 @@ def samples(context: AssetExecutionContext, store: StoreResource, profile: Profi
             "sampler_nocfg": MetadataValue.json({k: m.samplers["nocfg"][k] for k in tuning.KNOBS}),
             "sampling_runs": len(runs),
             "seed_rule": m.seed_rule,
-            "grid_cfg": png_markdown(art.read_bytes("grid_cfg.png"), "with guidance: 8 samples per class (rows)"),
-            "grid_nocfg": png_markdown(art.read_bytes("grid_nocfg.png"), "without guidance: 8 samples per class"),
+            "grid_cfg": png_markdown(art, "grid_cfg.png", "with guidance: 8 samples per class (rows)"),
+            "grid_nocfg": png_markdown(art, "grid_nocfg.png", "without guidance: 8 samples per class"),
         }
         if "resample_visual.png" in m.files:
             metadata["resample_visual"] = png_markdown(
-                art.read_bytes("resample_visual.png"),
-                "first column: a sample; the rest keep its prologue, new visual tokens",
+                art, "resample_visual.png", "first column: a sample; the rest keep its prologue, new visual tokens"
             )
         return runs, metadata
 
@@ -256,7 +255,7 @@ def results_table(context: AssetExecutionContext, store: StoreResource, profile:
     md = r.artifact.read_bytes("results.md").decode()
     metadata = {"table": MetadataValue.md(md), "parquet": MetadataValue.path(r.artifact.file_uri("results.parquet"))}
     if "samples.png" in r.manifest.files:
-        metadata["samples"] = png_markdown(r.artifact.read_bytes("samples.png"), "samples per variant: no CFG, CFG")
+        metadata["samples"] = png_markdown(r.artifact, "samples.png", "samples per variant: no CFG, CFG")
     if "budgets.png" in r.manifest.files:
-        metadata["budgets"] = png_markdown(r.artifact.read_bytes("budgets.png"), "domain figures against budget")
+        metadata["budgets"] = png_markdown(r.artifact, "budgets.png", "domain figures against budget")
     return materialized(r, metadata)

@@ -52,8 +52,8 @@ def tokenizer(context: AssetExecutionContext, store: StoreResource, profile: Pro
             "visual_codes_perplexity": round(metrics["visual_codes"]["perplexity"], 1),
             "ranks": metrics["ranks"],
             "trainable_parameters": metrics["trainable_parameters"],
-            "reconstructions": png_markdown(art.read_bytes("reconstructions.png"), "val: originals (top), EMA recon"),
-            "loss_curves": png_markdown(art.read_bytes("loss_curves.png"), "loss curves"),
+            "reconstructions": png_markdown(art, "reconstructions.png", "val: originals (top), EMA recon"),
+            "loss_curves": png_markdown(art, "loss_curves.png", "loss curves"),
         }
         if "prologue_codes" in metrics:
             metadata["prologue_codes_used"] = round(metrics["prologue_codes"]["fraction_used"], 4)

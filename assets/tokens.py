@@ -44,7 +44,7 @@ def token_dataset(context: AssetExecutionContext, store: StoreResource, profile:
             "codes": MetadataValue.json(dataclasses.asdict(m.codes)),
             "sanity_psnr_db": sanity["psnr_db"],
             "tokenizer_psnr_db": round(sanity["tokenizer_psnr_db"], 4),
-            "sanity": png_markdown(art.read_bytes("sanity.png"), "val originals (top), decoded from stored codes"),
+            "sanity": png_markdown(art, "sanity.png", "val originals (top), decoded from stored codes"),
         }
 
     yield per_variant(context, step)

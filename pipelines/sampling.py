@@ -24,6 +24,7 @@ Standalone: `python -m pipelines.sampling --profile fashion32 --variant prologue
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -114,15 +115,23 @@ def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
     )
 
 
+PREVIEW_CLASSES = 16  # grid rows: the first 16 classes (1,000 ImageNet rows would be a ~250,000 px tall PNG)
+
+
+def preview_shards(layout: list[str]) -> list[str]:
+    """The first shard of each of the first PREVIEW_CLASSES classes (`.../<g>-c<class>-000.tar`)."""
+    return [rel for rel in layout if (m := re.search(r"-c(\d+)-000\.tar$", rel)) and int(m[1]) < PREVIEW_CLASSES]
+
+
 def _grids(artifact, layout, ar_art, tok_art, classes, cfg) -> dict[str, bytes]:
-    """Per-class sample grids (8 per class and guidance) and, with prologue tokens, rows that keep a
-    sample's prologue and redraw its visual tokens."""
+    """Sample grids (8 per class, up to PREVIEW_CLASSES classes, per guidance) and, with prologue
+    tokens, rows that keep a sample's prologue and redraw its visual tokens."""
     from pipelines.shard_reader import read_tars
 
     out = {}
     for g in GUIDANCE:
         first = {}  # class -> up to 8 images, read back from the shards just written
-        shards = [rel for rel in layout[g] if rel.endswith("-000.tar")]
+        shards = preview_shards(layout[g])
         sizes = {rel: artifact.fs.size(artifact.file_path(rel)) for rel in shards}
         for img, label in read_tars(artifact, sizes, rank=0, world_size=1):
             if len(first.setdefault(int(label), [])) < 8:
