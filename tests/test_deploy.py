@@ -193,3 +193,21 @@ def test_multinode_launcher_trains_across_two_simulated_nodes(tmp_path, tiny_gra
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     final = load((manifest.parent / "model" / "ar.safetensors").read_bytes())
     assert all(torch.equal(final[k], ranks[0][k].float()) for k in final)  # and they are what was committed
+
+
+def test_compose_images_are_pinned_and_pullable_registries():
+    """Every pulled image has an explicit version (MinIO also a digest); none comes from the removed
+    Docker Hub minio/* repositories; only the locally built image may be `latest`."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "deploy"
+    for name in ("compose.yaml", "compose.gpu.yaml"):
+        services = (yaml.safe_load((root / name).read_text()) or {}).get("services", {})
+        for service, spec in services.items():
+            image = spec.get("image")
+            if image is None or spec.get("build") or spec.get("pull_policy") == "never":
+                continue  # built here, not pulled
+            assert not image.startswith("minio/"), (name, service, image)
+            assert ":" in image.split("/")[-1] and not image.endswith(":latest"), (name, service, image)
+            if "minio" in image:
+                assert image.startswith("quay.io/minio/") and "@sha256:" in image, (name, service, image)
