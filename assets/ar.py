@@ -4,7 +4,7 @@ from dagster import AssetExecutionContext, MetadataValue, PipesSubprocessClient,
 
 from assets import checks
 from assets.data import per_variant, png_markdown
-from assets.resources import ProfileResource, StoreResource, run_plan, variant_partitions
+from assets.resources import ACCELERATOR_POOL, ProfileResource, StoreResource, run_plan, variant_partitions
 from assets.tokenizer import ONE_RUN
 from assets.tokens import token_dataset
 from pipelines import train_ar
@@ -16,6 +16,7 @@ from pipelines.plan import CODE_VERSIONS
     backfill_policy=ONE_RUN,
     deps=[token_dataset],
     code_version=CODE_VERSIONS["ar_model"],
+    pool=ACCELERATOR_POOL,
     group_name="generator",
     kinds={"pytorch", "deepspeed"},
     check_specs=[checks.spec("weights_finite", "ar_model", "no NaN/Inf in the final and EMA weights")],

@@ -6,7 +6,7 @@ from dagster import AllPartitionMapping, AssetDep, AssetExecutionContext, Materi
 from assets import checks
 from assets.ar import ar_model
 from assets.data import data_version, image_shards, materialized, per_variant, png_markdown
-from assets.resources import ProfileResource, StoreResource, run_plan, variant_partitions
+from assets.resources import ACCELERATOR_POOL, ProfileResource, StoreResource, run_plan, variant_partitions
 from assets.tokenizer import ONE_RUN, tokenizer
 from assets.tokens import token_dataset
 from pipelines import domain, evaluate, mechanism, results, sampling, tuning
@@ -18,6 +18,7 @@ GROUP = "evaluation"
 @asset(
     deps=[image_shards],
     code_version=CODE_VERSIONS["domain_classifier"],
+    pool=ACCELERATOR_POOL,
     group_name=GROUP,
     kinds={"pytorch"},
     check_specs=[checks.spec("domain_accuracy", "domain_classifier", "val top-1 at least evaluation.domain_min_top1")],
@@ -47,6 +48,7 @@ def domain_classifier(context: AssetExecutionContext, store: StoreResource, prof
     backfill_policy=ONE_RUN,
     deps=[ar_model, tokenizer, domain_classifier],
     code_version=CODE_VERSIONS["sampling_tuning"],
+    pool=ACCELERATOR_POOL,
     group_name=GROUP,
     description="The same sampling search for every variant: temperatures without guidance, then guidance scales, "
     "grids of equal size, each point scored by FD-domain against the val split (the tuning reference, disjoint "
@@ -71,6 +73,7 @@ def sampling_tuning(context: AssetExecutionContext, store: StoreResource, profil
     backfill_policy=ONE_RUN,
     deps=[ar_model, sampling_tuning],
     code_version=CODE_VERSIONS["samples"],
+    pool=ACCELERATOR_POOL,
     group_name=GROUP,
     kinds={"pytorch", "webdataset"},
     check_specs=[

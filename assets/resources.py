@@ -50,6 +50,10 @@ def _location_profile_name() -> str:
     return os.environ.get("PROLOGUE_PROFILE", "fashion32")
 
 
+# The concurrency pool of the assets that hold an accelerator (training, export, sampling): its limit
+# (deploy/dagster.yaml, the Helm values' `concurrency` block) holds for every launch path.
+ACCELERATOR_POOL = "accelerator"
+
 # The variant partitions of every variant asset: the variants of the code location's profile. A run
 # whose profile lists other variants fails before any work (see `run_plan`).
 variant_partitions = StaticPartitionsDefinition(default_profile().variants)

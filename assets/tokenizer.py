@@ -11,7 +11,7 @@ from dagster import (
 
 from assets import checks
 from assets.data import image_shards, per_variant, png_markdown
-from assets.resources import ProfileResource, StoreResource, run_plan, variant_partitions
+from assets.resources import ACCELERATOR_POOL, ProfileResource, StoreResource, run_plan, variant_partitions
 from pipelines import train_tokenizer
 from pipelines.plan import CODE_VERSIONS
 
@@ -24,6 +24,7 @@ ONE_RUN = BackfillPolicy.single_run()
     backfill_policy=ONE_RUN,
     deps=[AssetDep(image_shards, partition_mapping=AllPartitionMapping())],
     code_version=CODE_VERSIONS["tokenizer"],
+    pool=ACCELERATOR_POOL,
     group_name="tokenizer",
     kinds={"pytorch", "safetensors"},
     check_specs=[

@@ -6,7 +6,7 @@ from dagster import AssetExecutionContext, MetadataValue, asset
 
 from assets import checks
 from assets.data import per_variant, png_markdown
-from assets.resources import ProfileResource, StoreResource, run_plan, variant_partitions
+from assets.resources import ACCELERATOR_POOL, ProfileResource, StoreResource, run_plan, variant_partitions
 from assets.tokenizer import ONE_RUN, tokenizer
 from pipelines import token_export
 from pipelines.plan import CODE_VERSIONS
@@ -17,6 +17,7 @@ from pipelines.plan import CODE_VERSIONS
     backfill_policy=ONE_RUN,
     deps=[tokenizer],
     code_version=CODE_VERSIONS["token_dataset"],
+    pool=ACCELERATOR_POOL,
     group_name="tokens",
     kinds={"parquet", "webdataset"},
     check_specs=[checks.spec("tokens_intact", "token_dataset", "sha256 of every file, Parquet row counts")],

@@ -5,6 +5,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from contextlib import closing
@@ -114,9 +115,11 @@ def test_deploy_instance_stores_runs_in_postgres_and_compute_logs_in_s3(postgres
         assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
         assert isinstance(instance.compute_log_manager, S3ComputeLogManager)
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
-        queue = instance.get_concurrency_config().run_queue_config
-        assert queue is not None
-        assert {"key": "prologue/gpu", "value": "true", "limit": 1} in queue.tag_concurrency_limits
+        concurrency = instance.get_concurrency_config()
+        assert concurrency.run_queue_config.max_concurrent_runs == 4
+        assert concurrency.pool_config.default_pool_limit == 1  # one accelerator-bound step at a time
+        assert instance.run_monitoring_enabled and instance.run_monitoring_start_timeout_seconds == 1200
+        assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
         result = materialize([greeting], instance=instance, tags={"prologue/gpu": "true"})
         assert result.success
         run_id = result.run_id
@@ -211,3 +214,52 @@ def test_compose_images_are_pinned_and_pullable_registries():
             assert ":" in image.split("/")[-1] and not image.endswith(":latest"), (name, service, image)
             if "minio" in image:
                 assert image.startswith("quay.io/minio/") and "@sha256:" in image, (name, service, image)
+
+
+POOL_JOB = """
+import json, sys, time
+from dagster import DagsterInstance, asset, materialize
+from dagster._core.instance.ref import InstanceRef
+from assets.resources import ACCELERATOR_POOL
+
+@asset(pool=ACCELERATOR_POOL)
+def holds_the_accelerator():
+    start = time.time()
+    time.sleep(3)
+    return [start, time.time()]
+
+instance = DagsterInstance.from_ref(InstanceRef.from_dir(sys.argv[1]))
+result = materialize([holds_the_accelerator], instance=instance)
+print(json.dumps(result.output_for_node("holds_the_accelerator")))
+"""
+
+
+def test_two_runs_that_need_the_accelerator_pool_run_one_after_the_other(tmp_path):
+    """deploy/dagster.yaml's pool limit (its `concurrency` block, on a SQLite instance here): two runs
+    launched at once, each with a step in the accelerator pool, hold it one after the other."""
+    import json
+
+    import yaml
+
+    from assets.definitions import defs
+    from assets.resources import ACCELERATOR_POOL
+
+    deploy = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "dagster.yaml").read_text())
+    home = tmp_path / "home"
+    home.mkdir()
+    config = {"concurrency": {"pools": deploy["concurrency"]["pools"]}, "telemetry": {"enabled": False}}
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    from dagster._core.instance.ref import InstanceRef
+
+    DagsterInstance.from_ref(InstanceRef.from_dir(str(home))).dispose()  # the schema, once: not by two at once
+    script = tmp_path / "pool_job.py"
+    script.write_text(POOL_JOB)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = [subprocess.Popen([sys.executable, str(script), str(home)], stdout=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]  # fmt: skip
+    spans = sorted(json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in runs)
+    assert all(p.returncode == 0 for p in runs)
+    assert spans[0][1] <= spans[1][0], spans  # the second held the pool only after the first let it go
+    pooled = {a.key.to_user_string() for a in defs.assets if getattr(a, "op", None) is not None
+              and a.op.pool == ACCELERATOR_POOL}  # fmt: skip
+    assert pooled == {"domain_classifier", "tokenizer", "token_dataset", "ar_model", "sampling_tuning", "samples"}
