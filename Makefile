@@ -6,18 +6,22 @@ PROFILE ?= fashion32
 # pytest-xdist workers of `make test` (one torch thread each)
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test ui bench lint
+.PHONY: setup setup-demo demo test ui bench lint
 
+# `make demo` and `make ui` install only what they need; `make test` adds the test tools and PostgreSQL
 setup:
-	@bash scripts/setup.sh
+	@bash scripts/setup.sh test
 
-demo: setup
+setup-demo:
+	@bash scripts/setup.sh demo
+
+demo: setup-demo
 	PROLOGUE_PROFILE=$(PROFILE) $(PY) -m assets.demo
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
-ui: setup
+ui: setup-demo
 	PROLOGUE_PROFILE=$(PROFILE) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: setup

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh clone: virtual environment, the package with its pinned
-# dependencies, Debian's dataset-fashion-mnist (the embedded default data set) and PostgreSQL.
+# dependencies and Debian's dataset-fashion-mnist (the embedded default data set).
+#   scripts/setup.sh demo   what `make demo` and `make ui` need
+#   scripts/setup.sh test   (default) also the test tools (the `dev` extras) and PostgreSQL, which
+#                           only the deploy/ instance test starts
 set -euo pipefail
 cd "$(dirname "$0")/.."
+FOR=${1:-test}
+case "$FOR" in demo | test) ;; *) echo "usage: scripts/setup.sh [demo|test]" >&2; exit 2 ;; esac
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
@@ -11,20 +16,24 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "==> creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
-stamp="$VENV/.installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "==> installing prologue-pipeline and its pinned dependencies (first time: a few minutes)"
-  "$VENV/bin/pip" install --disable-pip-version-check -q -e '.[dev]' 2>&1 \
+# one stamp per install: the test install (with the dev extras) serves the demo too
+fresh() { [ -f "$1" ] && ! [ pyproject.toml -nt "$1" ]; }
+if [ "$FOR" = test ]; then target=".[dev]" stamp="$VENV/.installed-dev"; else target="." stamp="$VENV/.installed"; fi
+if ! fresh "$stamp" && ! { [ "$FOR" = demo ] && fresh "$VENV/.installed-dev"; }; then
+  echo "==> installing prologue-pipeline and its pinned dependencies for $FOR (first time: a few minutes)"
+  "$VENV/bin/pip" install --disable-pip-version-check -q -e "$target" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
   "$VENV/bin/python" -c "import torch, dagster, webdataset, deepspeed" \
     || { echo "error: the install did not complete (see pip's output above)" >&2; exit 1; }
   touch "$stamp"
 fi
 
-# Debian packages: the embedded data set, and the PostgreSQL server the deploy/ instance test starts
+# Debian packages: the embedded data set, and (tests only) the PostgreSQL server the deploy/ instance test starts
 missing=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
-compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+if [ "$FOR" = test ]; then
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "error: Debian packages missing: ${missing[*]}; installing them needs root." >&2
