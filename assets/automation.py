@@ -27,6 +27,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from assets.data import data_version, image_shards
 from assets.evaluation import GROUP
+from assets.integrity import ON_DEMAND_CHECKS
 from assets.resources import ProfileResource, StoreResource, default_profile, variant_partitions
 from pipelines.plan import Plan
 from pipelines.profiles import SPLITS
@@ -40,14 +41,14 @@ LISTING_TAG = "prologue/listing"
 
 retrain_job = define_asset_job(
     "retrain",
-    selection=AssetSelection.assets(image_shards).downstream(),
+    selection=AssetSelection.assets(image_shards).downstream() - ON_DEMAND_CHECKS,
     tags={**ALL_VARIANTS, **GPU},
     description="The whole graph for every variant in one run: shards, tokenizers, token datasets, AR models, "
     "evaluation, results table. Unchanged steps are reused from the store.",
 )
 evaluation_job = define_asset_job(
     "evaluation",
-    selection=AssetSelection.groups(GROUP),
+    selection=AssetSelection.groups(GROUP) - ON_DEMAND_CHECKS,
     tags={**ALL_VARIANTS, **GPU},
     description="Only the evaluation group (samples, metrics, probe, results table); upstream is read, not rerun.",
 )

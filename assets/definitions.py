@@ -1,6 +1,6 @@
 """The Dagster code location: `dagster dev -w workspace.yaml` loads `defs` from here."""
 
-from dagster import Definitions, PipesSubprocessClient, define_asset_job
+from dagster import AssetSelection, Definitions, PipesSubprocessClient, define_asset_job
 
 from assets.ar import ar_model
 from assets.automation import GPU, evaluation_job, new_images_sensor, retrain_job, retrain_schedule, run_failure_summary
@@ -16,16 +16,17 @@ from assets.evaluation import (
     samples,
     sampling_tuning,
 )
+from assets.integrity import INTEGRITY_CHECKS, ON_DEMAND_CHECKS, integrity_job, integrity_schedule
 from assets.resources import ProfileResource, StoreResource
 from assets.tokenizer import tokenizer
 from assets.tokens import token_dataset
 
 # one job per stage, for rerunning a stage by hand (partitions chosen in the launchpad)
 stage_jobs = [
-    define_asset_job("shard_images", selection=[image_shards]),
-    define_asset_job("train_tokenizers", selection=[tokenizer], tags=GPU),
-    define_asset_job("export_tokens", selection=[token_dataset], tags=GPU),
-    define_asset_job("train_ar_models", selection=[ar_model], tags=GPU),
+    define_asset_job("shard_images", selection=AssetSelection.assets(image_shards) - ON_DEMAND_CHECKS),
+    define_asset_job("train_tokenizers", selection=AssetSelection.assets(tokenizer) - ON_DEMAND_CHECKS, tags=GPU),
+    define_asset_job("export_tokens", selection=AssetSelection.assets(token_dataset) - ON_DEMAND_CHECKS, tags=GPU),
+    define_asset_job("train_ar_models", selection=AssetSelection.assets(ar_model) - ON_DEMAND_CHECKS, tags=GPU),
 ]
 
 defs = Definitions(
@@ -45,8 +46,9 @@ defs = Definitions(
         mechanism_metrics,
         results_table,
     ],
-    jobs=[retrain_job, evaluation_job, *stage_jobs],
-    schedules=[retrain_schedule],
+    asset_checks=INTEGRITY_CHECKS,
+    jobs=[retrain_job, evaluation_job, integrity_job, *stage_jobs],
+    schedules=[retrain_schedule, integrity_schedule],
     sensors=[new_images_sensor, run_failure_summary],
     resources={
         "store": StoreResource(),

@@ -41,7 +41,7 @@ def tokenizer(context: AssetExecutionContext, store: StoreResource, profile: Pro
     def step(variant: str):
         result = train_tokenizer.train_tokenizer(plan, variant, on_log=context.log.info, progress=False)
         m, art = result.manifest, result.artifact
-        finite[variant] = checks.finite_problems(art)
+        finite[variant] = checks.finite_problems(art, full=not result.cached)  # reused: sizes only
         usage[variant] = checks.codebook_problems(art, prof.operations.codebook_usage_floor)
         metrics = m.metrics
         metadata = {

@@ -64,14 +64,14 @@ def test_shards_check_fails_on_a_damaged_shard(tmp_path, fashion_mnist):
     with DagsterInstance.ephemeral() as instance:
         md = _metadata(materialize([image_shards], resources=resources, instance=instance))
         shard = sorted(Path(md["val_uri"]).rglob("*.tar"))[0]
-        data = bytearray(shard.read_bytes())
-        data[5000] ^= 0xFF  # same size, other bytes: only the checksum can tell
-        shard.write_bytes(bytes(data))
+        # the shards are reused, so the inline check is the cheap one: sizes (a flipped bit is the
+        # integrity job's to find: tests/test_checks.py)
+        shard.write_bytes(shard.read_bytes()[:-512])
         result = materialize([image_shards], resources=resources, instance=instance, raise_on_error=False)
         [check] = result.get_asset_check_evaluations()
         assert not check.passed
         problems = check.metadata["problems"].value
-        assert list(problems) == ["val"] and "sha256 differs" in problems["val"][0] and shard.name in problems["val"][0]
+        assert list(problems) == ["val"] and "truncated" in problems["val"][0] and shard.name in problems["val"][0]
 
 
 def test_raw_images_observation_tracks_new_data(photo_folder):

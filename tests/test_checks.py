@@ -1,5 +1,6 @@
-"""Every blocking asset check fails on the damage it guards against (on a copy of the tiny store,
-where every artefact is already materialised, so the assets only re-check)."""
+"""Every asset check fails on the damage it guards against (on a copy of the tiny store, where every
+artefact is already materialised, so the assets only re-check). On a reused artefact the blocking
+checks are the cheap form (manifest, file sizes); the `integrity` job's checks read the bytes."""
 
 from __future__ import annotations
 
@@ -21,6 +22,21 @@ def _check(assets, store, check: str, partition: str = "prologue"):
     return evaluation
 
 
+def _integrity(store, check: str):
+    """One check's evaluation from a run of the `integrity` job (every check, every partition)."""
+    from assets.definitions import defs
+
+    result = defs.resolve_job_def("integrity").execute_in_process(
+        instance=DagsterInstance.ephemeral(), resources=tiny_resources(store.root), raise_on_error=False
+    )
+    [evaluation] = [c for c in result.get_asset_check_evaluations() if c.check_name == check]
+    return evaluation
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1])
+
+
 def _poison(path: Path) -> None:
     """One NaN in the first floating-point tensor of a safetensors file (same shapes, same size)."""
     tensors = load(path.read_bytes())
@@ -39,12 +55,18 @@ def test_weights_finite_fails_on_a_nan(tiny_copy, asset_name, weights):
     asset = {"tokenizer": tokenizer, "ar_model": ar_model}[asset_name]
     plan = tiny_plan(tiny_copy)
     target = plan.tokenizer("prologue") if asset_name == "tokenizer" else plan.ar("prologue")
-    assert _check([asset], tiny_copy, "weights_finite").passed
-    _poison(Path(target.artifact.file_path(weights)))
-    failed = _check([asset], tiny_copy, "weights_finite")
+    scan = f"{asset_name.removesuffix('_model')}_weights_scan"
+    assert _check([asset], tiny_copy, "weights_finite").passed and _integrity(tiny_copy, scan).passed
+    path = Path(target.artifact.file_path(weights))
+    _poison(path)
+    assert _check([asset], tiny_copy, "weights_finite").passed  # reused: the cheap check reads no weights
+    failed = _integrity(tiny_copy, scan)
     assert not failed.passed
     [problem] = failed.metadata["problems"].value["prologue"]
     assert weights in problem and "1 NaN/Inf values" in problem
+    _truncate(path)  # what the cheap check does see
+    [problem] = _check([asset], tiny_copy, "weights_finite").metadata["problems"].value["prologue"]
+    assert problem.startswith(f"{weights}: ") and "truncated" in problem
 
 
 def test_tokens_intact_fails_on_a_tampered_token_file(tiny_copy):
@@ -56,9 +78,31 @@ def test_tokens_intact_fails_on_a_tampered_token_file(tiny_copy):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit, same size: only the checksum sees it
     path.write_bytes(bytes(data))
-    failed = _check([token_dataset], tiny_copy, "tokens_intact")
+    assert _check([token_dataset], tiny_copy, "tokens_intact").passed  # reused: sizes only
+    failed = _integrity(tiny_copy, "tokens_rehash")
     assert not failed.passed
     assert failed.metadata["problems"].value["prologue"] == [f"{rel}: sha256 differs from the manifest"]
+    _truncate(path)
+    failed = _check([token_dataset], tiny_copy, "tokens_intact")
+    assert not failed.passed and "truncated" in failed.metadata["problems"].value["prologue"][0]
+
+
+def test_shards_rehash_sees_a_flipped_bit_the_cheap_check_does_not(tiny_copy):
+    from assets.data import image_shards
+
+    art = tiny_plan(tiny_copy).shards("val").artifact
+    rel = next(r for r in json.loads(Path(art.file_path("_manifest.json")).read_text())["files"] if r.endswith(".tar"))
+    path = Path(art.file_path(rel))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = materialize([image_shards], resources=tiny_resources(tiny_copy.root), instance=DagsterInstance.ephemeral(),
+                         raise_on_error=False)  # fmt: skip
+    [inline] = [c for c in result.get_asset_check_evaluations() if c.check_name == "shards_intact"]
+    assert inline.passed
+    failed = _integrity(tiny_copy, "shards_rehash")
+    assert not failed.passed
+    assert failed.metadata["problems"].value["val"] == [f"{rel}: sha256 differs from the manifest"]
 
 
 def test_reference_checksum_fails_on_a_changed_reference_file(tiny_copy):

@@ -45,13 +45,37 @@ def _materialisations(result) -> dict[tuple[str, str | None], dict]:
 
 
 def test_rerun_of_the_whole_graph_with_nothing_new_trains_nothing(full_run, tiny_graph):
+    from fsspec.implementations.local import LocalFileSystem
+
     from assets.definitions import defs
 
     root, instance, _ = full_run
     stored = tuple(p.name for p in root.iterdir())
     before = _mtimes(root, stored)
-    result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, resources=tiny_resources(root))
+    data_reads = []  # shard, token and weight files opened or read: none, nothing is new
+    open_, cat = LocalFileSystem._open, LocalFileSystem.cat_file
+
+    def is_data(path) -> bool:
+        return any(f"/{a}/" in str(path) for a in ("image_shards", "token_dataset")) or str(path).endswith(
+            ".safetensors"
+        )
+
+    def opening(self, path, *args, **kwargs):
+        if is_data(path) and not str(path).endswith((".json", ".png")):  # manifests, previews
+            data_reads.append(str(path))
+        return open_(self, path, *args, **kwargs)
+
+    def reading(self, path, *args, **kwargs):
+        if is_data(path) and not str(path).endswith((".json", ".png")):  # manifests, previews
+            data_reads.append(str(path))
+        return cat(self, path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LocalFileSystem, "_open", opening)
+        mp.setattr(LocalFileSystem, "cat_file", reading)
+        result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, resources=tiny_resources(root))
     assert result.success
+    assert data_reads == []
     mats = _materialisations(result)
     # shards, reference stats, domain classifier, 9 variant assets x 2 partitions, table
     assert len(mats) == 1 + 1 + 1 + 9 * 2 + 1
