@@ -30,16 +30,22 @@ def ar_model(
     pipes_subprocess_client: PipesSubprocessClient,
 ):
     plan, finite = run_plan(context.instance, profile, store), {}
-
-    def run_with_pipes(argv: list[str], env: dict[str, str]) -> None:
-        # rank 0 opens the Pipes session: its log lines and final metrics land in this run's event log
-        pipes_subprocess_client.run(command=argv, context=context, env=env)
+    reported: dict[str, dict] = {}  # the metrics rank 0 sent through Pipes, by variant
 
     def step(variant: str):
+        def run_with_pipes(argv: list[str], env: dict[str, str]) -> None:
+            # rank 0 opens the Pipes session: its log lines land in this run's event log, and its final
+            # metrics come back as a custom message
+            invocation = pipes_subprocess_client.run(command=argv, context=context, env=env)
+            for message in invocation.get_custom_messages():
+                if isinstance(message, dict) and "metrics" in message:
+                    reported[variant] = message["metrics"]
+
         result = train_ar.train_ar(plan, variant, on_log=context.log.info, progress=False, runner=run_with_pipes)
         m, art = result.manifest, result.artifact
         finite[variant] = checks.finite_problems(art, full=not result.cached)  # reused: sizes only
-        metrics = m.metrics
+        # what the worker reported when it ran here; the stored metrics when the model was reused
+        metrics = reported.get(variant, m.metrics)
         metadata = {
             "steps": m.counts.steps,
             "parameters": m.counts.parameters,
@@ -52,6 +58,7 @@ def ar_model(
             "deepspeed_config": MetadataValue.json(m.deepspeed["config"] or {}),  # OneStage: no DeepSpeed run
             "loss_curves": png_markdown(art, "loss_curves.png", "AR training curves"),
         }
+        metadata["metrics_from"] = "pipes" if variant in reported else "manifest"
         if "val_ce_prologue" in metrics:
             metadata["val_ce_prologue"] = round(metrics["val_ce_prologue"], 4)
         return result, metadata

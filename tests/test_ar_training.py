@@ -136,7 +136,13 @@ def test_asset_streams_metrics_through_dagster_pipes(tmp_path, tiny_graph):
         [mat] = result.get_asset_materialization_events()
         md = {k: v.value for k, v in mat.materialization.metadata.items()}
         assert md["steps"] == 10 and md["val_ce_visual"] > 0
+        assert md["metrics_from"] == "pipes"  # the worker's report, which is what it stored
+        stored = json.loads(next(tmp_path.glob("ar_model/*/metrics.json")).read_text())
+        assert md["val_ce_visual"] == round(stored["val_ce_visual"], 4)
         assert "data:image/png;base64," in md["loss_curves"]
+        again = materialize([ar_model], partition_key="prologue", resources=resources, instance=instance)
+        [mat] = again.get_asset_materialization_events()
+        assert mat.materialization.metadata["metrics_from"].value == "manifest"  # reused: nothing ran
         logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
         assert any("step 10/10" in msg for msg in logs), "rank-0 metrics did not reach the event log via Pipes"
 
