@@ -3,6 +3,8 @@ checked for NaN/Inf, for every partition of the profile. The assets' own blockin
 full form only on what their step has just written (reused artefacts: sizes only), so these are what
 re-reads the data: from the UI (the asset's *Checks* tab, or the `integrity` job) or weekly."""
 
+from collections.abc import Callable
+
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
@@ -19,40 +21,40 @@ from assets.data import image_shards
 from assets.resources import ProfileResource, StoreResource, run_plan
 from assets.tokenizer import tokenizer
 from assets.tokens import token_dataset
+from pipelines.plan import Plan
 from pipelines.profiles import SPLITS
 
 
-@asset_check(asset=image_shards, blocking=False, description="Every shard's sha256 against its manifest; counts")
-def shards_rehash(
-    context: AssetCheckExecutionContext, store: StoreResource, profile: ProfileResource
-) -> AssetCheckResult:
-    plan = run_plan(context.instance, profile, store)
-    return check_result("shards_rehash", {s: shard_problems(plan.shards(s).artifact) for s in SPLITS})
+def _on_demand(name: str, asset, description: str, problems: Callable[[Plan], dict[str, list[str]]]):
+    """A non-blocking check of `asset` whose `problems(plan)` covers every split or variant."""
+
+    @asset_check(name=name, asset=asset, blocking=False, description=description)
+    def check(context: AssetCheckExecutionContext, store: StoreResource, profile: ProfileResource) -> AssetCheckResult:
+        return check_result(name, problems(run_plan(context.instance, profile, store)))
+
+    return check
 
 
-@asset_check(asset=token_dataset, blocking=False, description="Every token file's sha256 and Parquet row counts")
-def tokens_rehash(
-    context: AssetCheckExecutionContext, store: StoreResource, profile: ProfileResource
-) -> AssetCheckResult:
-    plan = run_plan(context.instance, profile, store)
-    return check_result("tokens_rehash", {v: token_problems(plan.tokens(v).artifact) for v in plan.profile.variants})
+def _per_variant(plan: Plan, artifact_of, problems) -> dict[str, list[str]]:
+    return {v: problems(artifact_of(plan, v)) for v in plan.profile.variants}
 
 
-@asset_check(asset=tokenizer, blocking=False, description="No NaN/Inf in any tokenizer or prior weight, every variant")
-def tokenizer_weights_scan(
-    context: AssetCheckExecutionContext, store: StoreResource, profile: ProfileResource
-) -> AssetCheckResult:
-    plan = run_plan(context.instance, profile, store)
-    variants = plan.profile.variants
-    return check_result("tokenizer_weights_scan", {v: finite_problems(plan.tokenizer(v).artifact) for v in variants})
-
-
-@asset_check(asset=ar_model, blocking=False, description="No NaN/Inf in any AR weight, every variant")
-def ar_weights_scan(
-    context: AssetCheckExecutionContext, store: StoreResource, profile: ProfileResource
-) -> AssetCheckResult:
-    plan = run_plan(context.instance, profile, store)
-    return check_result("ar_weights_scan", {v: finite_problems(plan.ar(v).artifact) for v in plan.profile.variants})
+shards_rehash = _on_demand(
+    "shards_rehash", image_shards, "Every shard's sha256 against its manifest; counts",
+    lambda plan: {s: shard_problems(plan.shards(s).artifact) for s in SPLITS},
+)  # fmt: skip
+tokens_rehash = _on_demand(
+    "tokens_rehash", token_dataset, "Every token file's sha256 and Parquet row counts, every variant",
+    lambda plan: _per_variant(plan, lambda p, v: p.tokens(v).artifact, token_problems),
+)  # fmt: skip
+tokenizer_weights_scan = _on_demand(
+    "tokenizer_weights_scan", tokenizer, "No NaN/Inf in any tokenizer or prior weight, every variant",
+    lambda plan: _per_variant(plan, lambda p, v: p.tokenizer(v).artifact, finite_problems),
+)  # fmt: skip
+ar_weights_scan = _on_demand(
+    "ar_weights_scan", ar_model, "No NaN/Inf in any AR weight, every variant",
+    lambda plan: _per_variant(plan, lambda p, v: p.ar(v).artifact, finite_problems),
+)  # fmt: skip
 
 
 INTEGRITY_CHECKS = [shards_rehash, tokens_rehash, tokenizer_weights_scan, ar_weights_scan]
