@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from pipelines.images import encode_png
-from pipelines.variants import parse_variant
+from pipelines.variants import group_rows
 
 LABEL_HEIGHT = 14
 GAP = 6
@@ -60,10 +60,7 @@ def budget_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[s
     budgets (`baseline`, `baseline_ar4x`, ...)."""
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for axis, (column, group_of) in BUDGETS.items():
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            groups.setdefault(group_of(parse_variant(r["variant"])), []).append(r)
-        series = {arm: sorted(rs, key=lambda r: r[column]) for arm, rs in groups.items()
+        series = {arm: sorted(rs, key=lambda r: r[column]) for arm, rs in group_rows(rows, group_of).items()
                   if len({r[column] for r in rs}) > 1}  # fmt: skip
         if series:
             out[axis] = series

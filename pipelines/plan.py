@@ -186,7 +186,7 @@ class Plan:
         """The variant's tokenizer: that of its `tokenizer_variant` (an AR-budget variant shares it)."""
         v = self.profile.variant(variant)
         model = self.profile.tokenizer_for(variant)
-        if v.arm == "prologue_onestage":  # a class-conditional joint prior over the source's classes
+        if v.ar_is_joint_prior:  # Prologue-OneStage: a class-conditional joint prior over the source's classes
             model = replace(model, prior_classes=len(self.listing.classes))
         # the separate prologue encoder's size is Prologue-Post's alone: it keys no other variant
         model_key = {k: x for k, x in key_dict(model).items() if model.post_hoc or not k.startswith("post_")}
@@ -221,7 +221,7 @@ class Plan:
     def ar(self, variant: str) -> Target:
         cfg = self.profile.ar_train_for(variant)
         model = model_config(cfg, self.codes(variant), len(self.listing.classes))
-        if self.profile.variant(variant).arm == "prologue_onestage":  # the stage-1 joint prior, not trained here
+        if self.profile.variant(variant).ar_is_joint_prior:  # the stage-1 joint prior, not trained here
             config = {"variant": variant, "model": to_dict(model), "from": "joint_prior"}
             inputs = {"tokenizer": self.tokenizer(variant).key, "token_dataset": self.tokens(variant).key}
             return _target(self.store, "ar_model", variant, config, inputs)
@@ -397,7 +397,7 @@ class Plan:
         upstream = {
             "token_dataset": [("tokenizer", partition)],
             "ar_model": [("token_dataset", partition)]
-            + ([("tokenizer", partition)] if self.profile.variant(partition).arm == "prologue_onestage" else []),
+            + ([("tokenizer", partition)] if self.profile.variant(partition).ar_is_joint_prior else []),
             "sampling_tuning": [("ar_model", partition), ("tokenizer", partition), ("domain_classifier", None)],
             "samples": [("ar_model", partition), ("tokenizer", partition), ("sampling_tuning", partition)],
             "reconstruction_metrics": [("tokenizer", partition), ("domain_classifier", None), *refs],

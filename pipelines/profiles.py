@@ -293,7 +293,7 @@ class Profile(Config):
         the AR model's size; the plan sets its classes from the source)."""
         v = self.variant(variant)
         cfg = v.tokenizer(self.tokenizer)
-        if v.arm == "prologue_onestage":
+        if v.ar_is_joint_prior:
             size = AR_SIZES[self.ar_train.size]
             cfg = replace(cfg, prior_width=size["width"], prior_depth=size["depth"], prior_heads=size["heads"],
                           prior_label_dropout=self.ar_train.label_dropout)  # fmt: skip

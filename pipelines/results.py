@@ -21,7 +21,7 @@ from pipelines.figures import budget_png, side_by_side
 from pipelines.manifests import read
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.store import StepResult
-from pipelines.variants import parse_variant
+from pipelines.variants import group_rows
 
 ASSET = "results_table"
 log = logging.getLogger(__name__)
@@ -136,11 +136,8 @@ SEED_FIGURES = ("rfd_{ev}", "psnr_db", "gfd_{ev}_cfg", "gfd_{ev}_nocfg", "fd_dom
 def over_training_seeds(rows: list[dict[str, Any]], ev: str) -> list[dict[str, Any]]:
     """One entry per group of two or more rows that differ only by training seed (`baseline`,
     `baseline_s1`, ...): the variants, and each figure's mean and sample std over them."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(parse_variant(r["variant"]).seed_group, []).append(r)
     out = []
-    for group, members in groups.items():
+    for group, members in group_rows(rows, lambda v: v.seed_group).items():
         if len(members) < 2:
             continue
         entry: dict[str, Any] = {"group": group, "variants": [m["variant"] for m in members]}

@@ -22,7 +22,9 @@ Every other setting is the profile's, the same for every arm.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from modeling.ar_trainer import ARTrainConfig
 from modeling.config import ConfigError
@@ -31,8 +33,9 @@ from modeling.tokenizer_trainer import TokenizerTrainConfig
 
 ARMS = ("baseline", "baseline_1d", "prologue", "prologue_post", "prologue_onestage")
 _NAME = re.compile(
-    r"(?P<arm>baseline_1d|baseline|prologue_post|prologue_onestage|prologue)(?:_z(?P<z>[1-9]\d*))?(?:_s(?P<seed>\d+))?"
-    r"(?:_ent(?P<ent>\d+(?:p\d+)?))?(?:_tok(?P<tok>[1-9]\d*)x)?(?:_ar(?P<ar>[1-9]\d*)x)?"
+    rf"(?P<arm>{'|'.join(sorted(ARMS, key=len, reverse=True))})"  # longest first: baseline_1d before baseline
+    r"(?:_z(?P<z>[1-9]\d*))?(?:_s(?P<seed>\d+))?(?:_ent(?P<ent>\d+(?:p\d+)?))?(?:_tok(?P<tok>[1-9]\d*)x)?"
+    r"(?:_ar(?P<ar>[1-9]\d*)x)?"
 )
 
 
@@ -48,15 +51,23 @@ class Variant:
     tokenizer_budget: int = 1
     ar_budget: int = 1
 
+    def _without(self, suffix: str | None) -> str:
+        return self.name.replace(suffix, "", 1) if suffix else self.name
+
     @property
     def tokenizer_variant(self) -> str:
         """The variant whose tokenizer and token dataset this one uses (itself but for the AR budget)."""
-        return self.name.removesuffix(f"_ar{self.ar_budget}x") if self.ar_budget != 1 else self.name
+        return self._without(f"_ar{self.ar_budget}x" if self.ar_budget != 1 else None)
 
     @property
     def without_tokenizer_budget(self) -> str:
         """The name without `_tok<K>x`: the variants that differ only by tokenizer budget share it."""
-        return self.name.replace(f"_tok{self.tokenizer_budget}x", "", 1) if self.tokenizer_budget != 1 else self.name
+        return self._without(f"_tok{self.tokenizer_budget}x" if self.tokenizer_budget != 1 else None)
+
+    @property
+    def ar_is_joint_prior(self) -> bool:
+        """Prologue-OneStage: the AR model is the tokenizer's joint prior (no stage 3)."""
+        return self.arm == "prologue_onestage"
 
     @property
     def base_variant(self) -> str | None:
@@ -70,7 +81,7 @@ class Variant:
     @property
     def seed_group(self) -> str:
         """The name without its training seed: the rows that differ only by training seed share it."""
-        return self.name.replace(f"_s{self.seed}", "", 1) if self.seed is not None else self.name
+        return self._without(f"_s{self.seed}" if self.seed is not None else None)
 
     def tokenizer(self, profile_tokenizer: TokenizerConfig) -> TokenizerConfig:
         cfg = profile_tokenizer
@@ -102,6 +113,14 @@ class Variant:
         return replace(profile_train, **changes) if changes else profile_train
 
 
+def group_rows(rows: Iterable[dict[str, Any]], key: Callable[[Variant], str]) -> dict[str, list[dict[str, Any]]]:
+    """Results rows (each with a `variant`) grouped by `key` of their parsed variant, in row order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(key(parse_variant(r["variant"])), []).append(r)
+    return groups
+
+
 def parse_variant(name: str) -> Variant:
     """The variant a name stands for, or a ConfigError saying what names look like."""
     m = _NAME.fullmatch(name)
@@ -113,7 +132,7 @@ def parse_variant(name: str) -> Variant:
     arm = m["arm"]
     if arm.startswith("baseline") and (m["z"] or m["ent"]):
         raise ConfigError(f"variant: {name!r}: the baseline has no prologue tokens (no _z, no _ent)")
-    if arm == "prologue_onestage" and m["ar"]:
+    if arm == "prologue_onestage" and m["ar"]:  # see Variant.ar_is_joint_prior
         raise ConfigError(f"variant: {name!r}: Prologue-OneStage trains no stage-3 AR model (no _ar)")
     entropy = float(m["ent"].replace("p", ".")) if m["ent"] else None
     return Variant(

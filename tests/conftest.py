@@ -138,12 +138,14 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
 
 
 def _instance(folder: Path):
-    """The on-disk Dagster instance in `folder` (SQLite: readable by every worker), telemetry off."""
+    """The on-disk Dagster instance in `folder` (SQLite: readable by every worker); the build creates
+    it, telemetry off."""
     from dagster import DagsterInstance
     from dagster._core.instance.ref import InstanceRef
 
-    folder.mkdir(exist_ok=True)
-    (folder / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    if not (folder / "dagster.yaml").exists():
+        folder.mkdir(exist_ok=True)
+        (folder / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     return DagsterInstance.from_ref(InstanceRef.from_dir(str(folder)))
 
 
