@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 
-from dagster import AssetKey, ConfigurableResource, DagsterInstance, StaticPartitionsDefinition
-from pydantic import Field
+from dagster import AssetKey, Config, ConfigurableResource, DagsterInstance, StaticPartitionsDefinition
+from pydantic import Field, create_model
 
-from modeling.config import ConfigError
+from modeling.config import ConfigError, field_docs, merge, parse_overrides, to_dict
 from pipelines.plan import Listing, Plan
 from pipelines.profiles import Profile, load_profile
 from pipelines.store import Store
@@ -59,15 +61,61 @@ ACCELERATOR_POOL = "accelerator"
 variant_partitions = StaticPartitionsDefinition(default_profile().variants)
 
 
+# Profile fields that are not settings of a run: what the profile is, and its variants (the partitions)
+NOT_RUN_SETTINGS = ("name", "version", "description", "variants")
+
+
+def settings_model(cls: type, value: object, path: str = "") -> type[Config]:
+    """A Dagster config class generated from profile dataclass `cls`: one typed field per dataclass
+    field, its docstring as description and its value in `value` (the code location's profile) as
+    default. The Launchpad shows this schema and rejects an unknown field or a wrongly typed value
+    before the run starts."""
+    hints, docs, fields = typing.get_type_hints(cls), field_docs(cls), {}
+    for f in dataclasses.fields(cls):
+        if not path and f.name in NOT_RUN_SETTINGS:
+            continue
+        tp, default, doc = hints[f.name], getattr(value, f.name), docs.get(f.name, "")
+        if dataclasses.is_dataclass(tp):
+            sub = settings_model(tp, default, f"{path}{f.name}.")
+            fields[f.name] = (sub, Field(default_factory=sub, description=doc))
+        else:
+            fields[f.name] = (tp, Field(default=default, description=doc))
+    name = "".join(part.title().replace("_", "") for part in path.split(".")) or "Profile"
+    return create_model(f"{name}Settings", __base__=Config, __doc__=cls.__doc__, **fields)
+
+
+def changed(settings: dict, defaults: dict) -> dict:
+    """The entries of `settings` that differ from `defaults`, nested as they are."""
+    out = {}
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            if sub := changed(v, defaults[k]):
+                out[k] = sub
+        elif v != defaults[k]:
+            out[k] = v
+    return out
+
+
+# The typed run configuration of the profile resource: every setting of the code location's profile
+ProfileSettings = settings_model(type(default_profile()), default_profile())
+
+
 class ProfileResource(ConfigurableResource):
-    """The experiment profile (see pipelines/profiles.py) with optional field overrides."""
+    """The experiment profile (see pipelines/profiles.py): its typed settings, with optional overrides."""
 
     name: str = Field(default="", description="Profile name or JSON path; empty: $PROLOGUE_PROFILE or fashion32.")
-    overrides: list[str] = Field(default=[], description="Dotted FIELD=VALUE overrides, e.g. data.workers=4.")
+    settings: ProfileSettings = Field(  # type: ignore[valid-type]
+        default_factory=ProfileSettings,
+        description="Every field of the code location's profile, typed, with its value as default; the fields "
+        "set to another value override the profile. Values are validated when the run starts, before any work.",
+    )
+    overrides: list[str] = Field(default=[], description="Dotted FIELD=VALUE overrides applied after `settings`, "
+                                 "e.g. data.workers=4 (for scripts; the Launchpad has `settings`).")
 
     def profile(self) -> Profile:
         """The run's profile; its variants must be the code location's partitions."""
-        profile = load_profile(self.name or _location_profile_name(), list(self.overrides))
+        typed = changed(self.settings.model_dump(), to_dict(default_profile()))
+        profile = load_profile(self.name or _location_profile_name(), merge(typed, parse_overrides(self.overrides)))
         partitions = variant_partitions.get_partition_keys()
         if sorted(profile.variants) != sorted(partitions):
             raise ConfigError(

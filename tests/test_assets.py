@@ -17,7 +17,7 @@ from dagster._core.definitions.observe import observe  # no public equivalent fo
 
 from assets.data import data_version, image_shards, raw_images
 from assets.definitions import defs
-from assets.resources import ProfileResource, StoreResource
+from assets.resources import ProfileResource, ProfileSettings, StoreResource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,6 +104,34 @@ def test_bad_profile_fails_before_work_naming_the_field(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_typed_settings_override_only_what_they_change():
+    """The Launchpad's typed settings: a changed field overrides the profile, an unchanged one does not (so
+    a run on another profile keeps that profile's values), and `overrides` apply after them."""
+    settings = ProfileSettings.model_validate({"tokenizer_train": {"steps": 7}, "data": {"shard_size": 100}})
+    profile = ProfileResource(name="tiny", settings=settings, overrides=["data.shard_size=64"]).profile()
+    tiny = ProfileResource(name="tiny").profile()
+    assert profile.tokenizer_train.steps == 7 and profile.data.shard_size == 64
+    assert profile.tokenizer_train.batch_size == tiny.tokenizer_train.batch_size != 32  # tiny's, not the default
+    assert profile.data.train.limit == tiny.data.train.limit == 512
+
+
+def test_typed_settings_carry_the_profile_docstrings_and_values():
+    steps = ProfileSettings.model_fields["tokenizer_train"].annotation.model_fields["steps"]
+    assert steps.annotation is int and steps.default == ProfileResource().profile().tokenizer_train.steps
+    assert steps.description.startswith("Optimiser steps")
+    assert "variants" not in ProfileSettings.model_fields  # the partitions are the code location's
+
+
+def test_a_wrong_typed_setting_value_fails_at_run_start_naming_the_field(tmp_path):
+    settings = ProfileSettings.model_validate({"data": {"shard_size": 0}})
+    resources = {"store": StoreResource(url=str(tmp_path)), "profile": ProfileResource(name="tiny", settings=settings)}
+    result = materialize([image_shards], resources=resources, raise_on_error=False,
+                         instance=DagsterInstance.ephemeral())
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    assert "data.shard_size: must be >= 1" in failure.step_failure_data.error.to_string()
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def _env(tmp_path: Path) -> dict:
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)
@@ -137,11 +165,13 @@ def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
-@pytest.fixture
-def webserver(tmp_path):
-    """`dagster-webserver` on 127.0.0.1 with a temp DAGSTER_HOME and the tiny profile; stopped by PID."""
+@pytest.fixture(scope="module")
+def webserver(tmp_path_factory):
+    """`dagster-webserver` on 127.0.0.1 with a temp DAGSTER_HOME and the tiny profile, shared by this
+    module's UI tests; stopped by PID."""
     from pipelines.launch import free_port
 
+    tmp_path = tmp_path_factory.mktemp("webserver")
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1",
            "-p", str(port)]
@@ -199,6 +229,47 @@ def test_ui_launches_a_materialisation_and_reads_its_metadata(webserver, fashion
     md = {e["label"]: e.get("intValue", e.get("text")) for e in mat["metadataEntries"]}
     assert mat["runId"] == run_id
     assert md["train_samples"] == 512 and md["val_samples"] == 128 and md["val_cache_key"]
+
+
+def _job_selector(port: int, job: str) -> dict:
+    repos = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
+    [node] = _graphql(port, repos)["data"]["repositoriesOrError"]["nodes"]
+    return {"repositoryLocationName": node["location"]["name"], "repositoryName": node["name"], "pipelineName": job}
+
+
+def test_launchpad_shows_typed_settings_and_rejects_a_wrong_one_before_the_run(webserver):
+    selector = _job_selector(webserver, "train_tokenizers")
+    schema = _graphql(webserver, """query($s: PipelineSelector!) { runConfigSchemaOrError(selector: $s) {
+        ... on RunConfigSchema { allConfigTypes { key ... on CompositeConfigType {
+          fields { name description defaultValueAsJson isRequired } } } } } }""", {"s": selector})
+    types = schema["data"]["runConfigSchemaOrError"]["allConfigTypes"]
+    fields = {f["name"]: f for t in types for f in t.get("fields") or [] if t["key"].startswith("Shape")}
+    steps = [f for t in types for f in t.get("fields") or [] if f["name"] == "steps"
+             and "Optimiser steps (each: one encoder/decoder step" in (f["description"] or "")]
+    assert steps and json.loads(steps[0]["defaultValueAsJson"]) == 30  # the tiny profile's, shown as default
+    assert not steps[0]["isRequired"] and "settings" in fields
+
+    def check(config: dict) -> dict:
+        run_config = {"resources": {"profile": {"config": {"settings": config}}}}
+        return _graphql(webserver, """query($s: PipelineSelector!, $c: RunConfigData!) {
+            isPipelineConfigValid(pipeline: $s, runConfigData: $c, mode: "default") { __typename
+              ... on RunConfigValidationInvalid { errors { message } } } }""",
+                        {"s": selector, "c": run_config})["data"]["isPipelineConfigValid"]
+
+    assert check({"tokenizer_train": {"steps": 5}})["__typename"] == "PipelineConfigValidationValid"
+    typo = check({"tokenizer_train": {"stepz": 5}})
+    assert typo["__typename"] == "RunConfigValidationInvalid" and '"stepz"' in typo["errors"][0]["message"]
+    wrong_type = check({"tokenizer_train": {"steps": "ten"}})
+    assert wrong_type["__typename"] == "RunConfigValidationInvalid" and "steps" in wrong_type["errors"][0]["message"]
+    # launching it creates no run
+    params = {"selector": {**selector, "jobName": selector["pipelineName"]},
+              "runConfigData": {"resources": {"profile": {"config": {"settings": {"tokenizer_train": {"stepz": 5}}}}}}}
+    del params["selector"]["pipelineName"]
+    launch = _graphql(webserver, """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+        __typename } }""", {"p": params})
+    assert launch["data"]["launchRun"]["__typename"] == "RunConfigValidationInvalid"
+    runs = _graphql(webserver, '{ runsOrError(filter: {pipelineName: "train_tokenizers"}) { ... on Runs { count } } }')
+    assert runs["data"]["runsOrError"]["count"] == 0
 
 
 def test_the_dg_project_checks_and_launches(tmp_path, fashion_mnist):
