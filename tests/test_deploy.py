@@ -263,3 +263,203 @@ def test_two_runs_that_need_the_accelerator_pool_run_one_after_the_other(tmp_pat
     pooled = {a.key.to_user_string() for a in defs.assets if getattr(a, "op", None) is not None
               and a.op.pool == ACCELERATOR_POOL}  # fmt: skip
     assert pooled == {"domain_classifier", "tokenizer", "token_dataset", "ar_model", "sampling_tuning", "samples"}
+
+
+# --- The compose files and the Helm values against vendored schemas (deploy/schemas/README.md) ---------------
+# Offline: every validator gets an empty `referencing` registry, so a reference that is not inside the vendored
+# file raises instead of being fetched.
+
+SCHEMAS = DEPLOY / "schemas"
+
+
+def _load_yaml(path: Path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _compose_validator():
+    import json
+
+    from jsonschema import Draft201909Validator
+    from referencing import Registry
+
+    schema = json.loads((SCHEMAS / "compose-spec.json").read_text())
+    return Draft201909Validator(schema, registry=Registry()), schema
+
+
+def _merge_compose(base, override):
+    """`docker compose -f base -f override`: mappings merge key by key, the override's scalars win. Compose has
+    per-key rules for sequences (ports, volumes, ...); our override adds none that the base also has."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = _merge_compose(base[key], value) if key in base else value
+        return merged
+    assert not (isinstance(base, list) and isinstance(override, list)), "sequence merge: extend _merge_compose"
+    return override
+
+
+def _chart_overlay_schema(node, in_then=False):
+    """The chart's schema as it applies to an override file such as ours. Helm validates the chart's defaults
+    merged with ours, so the keys the schema requires come from the chart's own values.yaml: drop `required`,
+    except inside the if/then rules (e.g. type K8sRunLauncher needs config.k8sRunLauncher). The schema's
+    `$ref`s into the Kubernetes definitions (remote, yannh/kubernetes-json-schema) are dropped too: the Kubernetes
+    objects (resources, tolerations, volumes, ...) keep only their sibling checks (object/array types)."""
+    if isinstance(node, dict):
+        return {
+            key: _chart_overlay_schema(value, in_then or key == "then")
+            for key, value in node.items()
+            if not (key == "required" and not in_then)
+            and not (key == "$ref" and isinstance(value, str) and not value.startswith("#"))
+        }
+    if isinstance(node, list):
+        return [_chart_overlay_schema(x, in_then) for x in node]
+    return node
+
+
+def _chart_validator():
+    import json
+
+    from jsonschema import Draft202012Validator
+    from referencing import Registry
+
+    schema = json.loads((SCHEMAS / "dagster-chart-values.schema.json").read_text())
+    return Draft202012Validator(_chart_overlay_schema(schema), registry=Registry()), schema
+
+
+def _errors(validator, document) -> list[tuple[str, str]]:
+    """Every error as (JSON path, message), including those inside anyOf/oneOf branches: a typo under an
+    optional block (`anyOf: [<block>, null]`) is named by the branch's error, not by the anyOf's summary."""
+    found = []
+
+    def add(errors):
+        for e in errors:
+            found.append((e.json_path, e.message))
+            add(e.context or [])
+
+    add(validator.iter_errors(document))
+    return found
+
+
+def test_vendored_schemas_are_valid_json_schemas_and_resolve_offline():
+    from jsonschema import Draft201909Validator, Draft202012Validator
+    from referencing import Registry
+    from referencing.exceptions import Unresolvable
+
+    _, compose_schema = _compose_validator()
+    Draft201909Validator.check_schema(compose_schema)
+    _, chart_schema = _chart_validator()
+    Draft202012Validator.check_schema(chart_schema)
+    # the keys our files use are ones these schema versions know (not a typo-tolerant fallback)
+    service = compose_schema["definitions"]["service"]["properties"]
+    assert {"pull_policy", "shm_size", "healthcheck", "depends_on", "deploy"} <= service.keys()
+    assert {"concurrency", "dagsterDaemon", "runLauncher"} <= chart_schema["properties"].keys()
+    # the only references outside the chart's file are the Kubernetes definitions the overlay drops, and the
+    # unmodified schema cannot reach them here (no download at test time)
+    remote = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                remote.add(ref.split("#")[0])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(chart_schema)
+    assert remote == {"https://raw.githubusercontent.com/yannh/kubernetes-json-schema/master/v1.19.0/_definitions.json"}
+    unmodified = Draft202012Validator(chart_schema, registry=Registry())
+    with pytest.raises(Unresolvable):
+        list(unmodified.iter_errors(_load_yaml(DEPLOY / "helm" / "values.yaml")))
+
+
+def test_compose_files_validate_against_compose_spec_schema():
+    """Each file alone (docker compose validates every file it is given) and the two merged as
+    `-f compose.yaml -f compose.gpu.yaml`; every merged service has an image or a build (the spec's
+    service constraint, which Compose checks on the merged model)."""
+    from jsonschema import Draft201909Validator
+    from referencing import Registry
+
+    validator, schema = _compose_validator()
+    base = _load_yaml(DEPLOY / "compose.yaml")
+    gpu = _load_yaml(DEPLOY / "compose.gpu.yaml")
+    assert _errors(validator, base) == []
+    assert _errors(validator, gpu) == []
+    merged = _merge_compose(base, gpu)
+    assert _errors(validator, merged) == []
+    assert merged["services"]["code-server"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert merged["services"]["code-server"]["build"]["dockerfile"] == "deploy/Dockerfile"  # base kept
+    constraint = Draft201909Validator(schema["definitions"]["constraints"]["service"], registry=Registry())
+    for name, service in merged["services"].items():
+        assert _errors(constraint, service) == [], name
+
+
+@pytest.mark.parametrize(
+    ("file", "plant", "path", "words"),
+    [
+        # a misspelled service key
+        ("compose.yaml", lambda d: d["services"]["webserver"].update(imagee=d["services"]["webserver"].pop("image")),
+         "$.services.webserver", ["imagee"]),
+        # a value outside the spec's enum
+        ("compose.yaml", lambda d: d["services"]["daemon"].update(pull_policy="nevr"),
+         "$.services.daemon.pull_policy", ["nevr"]),
+        # a misspelled key in the GPU reservation
+        ("compose.gpu.yaml",
+         lambda d: d["services"]["code-server"]["deploy"]["resources"]["reservations"]["devices"][0].update(
+             capabilites=["gpu"]),
+         "$.services['code-server'].deploy.resources.reservations.devices[0]", ["capabilites"]),
+    ],
+    ids=["misspelled-service-key", "pull-policy-enum", "gpu-device-key"],
+)
+def test_compose_spec_schema_catches_planted_typo(file, plant, path, words):
+    import copy
+
+    validator, _ = _compose_validator()
+    document = copy.deepcopy(_load_yaml(DEPLOY / file))
+    assert _errors(validator, document) == []
+    plant(document)
+    errors = _errors(validator, document)
+    assert any(p == path and all(w in message for w in words) for p, message in errors), errors
+
+
+def test_helm_values_validate_against_dagster_chart_schema():
+    validator, _ = _chart_validator()
+    values = _load_yaml(DEPLOY / "helm" / "values.yaml")
+    assert _errors(validator, values) == []
+    # the queue and pool limits sit in the chart's `concurrency` block (the schema forbids unknown keys there)
+    assert values["concurrency"] == {"enabled": True, "pools": {"defaultLimit": 1}, "runs": {"maxConcurrentRuns": 4}}
+
+
+@pytest.mark.parametrize(
+    ("plant", "path", "words"),
+    [
+        # a misspelled key under dagsterDaemon (the chart forbids unknown keys there)
+        (lambda v: v["dagsterDaemon"].update(runMonitorng=v["dagsterDaemon"].pop("runMonitoring")),
+         "$.dagsterDaemon", ["runMonitorng"]),
+        # a string where the chart wants an integer
+        (lambda v: v["concurrency"]["pools"].update(defaultLimit="1"), "$.concurrency.pools.defaultLimit", ["'1'"]),
+        # a misspelled key in the concurrency block
+        (lambda v: v["concurrency"]["runs"].update(maxConcurentRuns=v["concurrency"]["runs"].pop("maxConcurrentRuns")),
+         "$.concurrency.runs", ["maxConcurentRuns"]),
+        # a misspelled key of the run pod spec
+        (lambda v: v["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"].update(
+            containerConfg=v["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"].pop("containerConfig")),
+         "$.runLauncher.config.k8sRunLauncher.runK8sConfig", ["containerConfg"]),
+        # a run launcher type the chart does not have
+        (lambda v: v["runLauncher"].update(type="K8SRunLauncher"), "$.runLauncher.type", ["K8SRunLauncher"]),
+    ],
+    ids=["daemon-key", "pool-limit-type", "concurrency-key", "run-pod-key", "launcher-type"],
+)
+def test_dagster_chart_schema_catches_planted_typo(plant, path, words):
+    import copy
+
+    validator, _ = _chart_validator()
+    values = copy.deepcopy(_load_yaml(DEPLOY / "helm" / "values.yaml"))
+    assert _errors(validator, values) == []
+    plant(values)
+    errors = _errors(validator, values)
+    assert any(p == path and all(w in message for w in words) for p, message in errors), errors
