@@ -3,7 +3,7 @@
 from dagster import AssetExecutionContext, MetadataValue, PipesSubprocessClient, asset
 
 from assets import checks
-from assets.data import per_variant, png_markdown
+from assets.data import WorkerReports, per_variant, png_markdown
 from assets.resources import ACCELERATOR_POOL, ProfileResource, StoreResource, run_plan, variant_partitions
 from assets.tokenizer import ONE_RUN
 from assets.tokens import token_dataset
@@ -30,35 +30,28 @@ def ar_model(
     pipes_subprocess_client: PipesSubprocessClient,
 ):
     plan, finite = run_plan(context.instance, profile, store), {}
-    reported: dict[str, dict] = {}  # the metrics rank 0 sent through Pipes, by variant
+    # rank 0 sends its log lines and, at the end, what it stored (counts, metrics, DeepSpeed settings)
+    workers = WorkerReports(context, pipes_subprocess_client)
 
     def step(variant: str):
-        def run_with_pipes(argv: list[str], env: dict[str, str]) -> None:
-            # rank 0 opens the Pipes session: its log lines land in this run's event log, and its final
-            # metrics come back as a custom message
-            invocation = pipes_subprocess_client.run(command=argv, context=context, env=env)
-            for message in invocation.get_custom_messages():
-                if isinstance(message, dict) and "metrics" in message:
-                    reported[variant] = message["metrics"]
-
-        result = train_ar.train_ar(plan, variant, on_log=context.log.info, progress=False, runner=run_with_pipes)
-        m, art = result.manifest, result.artifact
+        result = train_ar.train_ar(plan, variant, on_log=context.log.info, progress=False, runner=workers)
+        art = result.artifact
         finite[variant] = checks.finite_problems(art, full=not result.cached)  # reused: sizes only
-        # what the worker reported when it ran here; the stored metrics when the model was reused
-        metrics = reported.get(variant, m.metrics)
+        numbers, source = workers.numbers(result)
+        metrics, counts, ds = numbers["metrics"], numbers["counts"], numbers["deepspeed"]
         metadata = {
-            "steps": m.counts.steps,
-            "parameters": m.counts.parameters,
+            "steps": counts["steps"],
+            "parameters": counts["parameters"],
             "final_loss": round(metrics["final"].get("loss", float("nan")), 4),  # OneStage: no stage-3 loss
             "val_ce_visual": round(metrics["val_ce_visual"], 4),
             "val_accuracy_visual": round(metrics["val_accuracy_visual"], 4),
             "val_sequences": metrics["val_sequences"],
             "ranks": metrics["ranks"],
-            "bf16": m.deepspeed["bf16"],
-            "deepspeed_config": MetadataValue.json(m.deepspeed["config"] or {}),  # OneStage: no DeepSpeed run
+            "bf16": ds["bf16"],
+            "deepspeed_config": MetadataValue.json(ds["config"] or {}),  # OneStage: no DeepSpeed run
             "loss_curves": png_markdown(art, "loss_curves.png", "AR training curves"),
+            "metrics_from": source,
         }
-        metadata["metrics_from"] = "pipes" if variant in reported else "manifest"
         if "val_ce_prologue" in metrics:
             metadata["val_ce_prologue"] = round(metrics["val_ce_prologue"], 4)
         return result, metadata

@@ -1,10 +1,13 @@
 """Data assets: raw images sharded into WebDataset tars in the store, and the helpers every asset
-uses to turn step results into materialisations."""
+uses to turn step results into materialisations (and, for the steps with a worker subprocess, to
+launch it through Dagster Pipes and read back what it reported: `WorkerReports`)."""
 
 import base64
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
+from typing import Any
 
 from dagster import (
     AssetExecutionContext,
@@ -12,13 +15,17 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     ObserveResult,
+    PipesSubprocessClient,
+    RetryRequested,
     asset,
     observable_source_asset,
 )
+from dagster._core.errors import DagsterPipesExecutionError  # what a failed Pipes subprocess raises; not public
 
 from assets import checks
 from assets.resources import LISTING, ProfileResource, StoreResource, run_plan
 from pipelines import sharding
+from pipelines.launch import LaunchError
 from pipelines.plan import CODE_VERSIONS, list_source
 from pipelines.profiles import SPLITS
 from pipelines.store import StepResult
@@ -52,16 +59,29 @@ def materialized(result: StepResult, metadata: dict) -> MaterializeResult:
     return MaterializeResult(metadata=metadata, data_version=data_version({"": result.artifact.key}))
 
 
+WORKER_RETRIES = 2  # reruns of a variant step whose worker process died
+RETRY_WAIT_S = 5  # seconds before such a rerun
+
+
 def per_variant(
     context: AssetExecutionContext, step: Callable[[str], tuple[StepResult | list[StepResult], dict]]
 ) -> MaterializeResult:
     """Run `step(variant)` for every variant partition of this run (one, or all of them when the
     run covers a partition range: the retrain job does) and attach each result's metadata to its
     own partition's materialisation. A step may return several results (one per sampling run):
-    the first one's URI and cache key are shown, all of them make the data version."""
+    the first one's URI and cache key are shown, all of them make the data version. A step whose
+    worker process dies is retried (WORKER_RETRIES): every step resumes from the store."""
     keys = {}
     for variant in context.partition_keys:
-        results, metadata = step(variant)
+        try:
+            results, metadata = step(variant)
+        except (LaunchError, DagsterPipesExecutionError) as e:
+            # a worker died (killed, out of memory, node lost): Dagster reruns the step, which reuses the
+            # variants already done and resumes this one from its newest store checkpoint
+            context.log.warning(f"{context.asset_key.to_user_string()}[{variant}]: worker failed ({e}); "
+                                f"retrying, resuming from the store (attempt {context.retry_number + 1} of "
+                                f"{WORKER_RETRIES})")
+            raise RetryRequested(max_retries=WORKER_RETRIES, seconds_to_wait=RETRY_WAIT_S) from e
         results = results if isinstance(results, list) else [results]
         metadata = step_metadata(results[0], metadata)
         if len(results) > 1:
@@ -69,6 +89,32 @@ def per_variant(
         context.add_asset_metadata(metadata, partition_key=variant)
         keys[variant] = data_version({str(i): r.artifact.key for i, r in enumerate(results)}).value
     return MaterializeResult(data_version=data_version(keys))
+
+
+class WorkerReports:
+    """The `runner` an asset passes to a step whose worker is a subprocess (tokenizer, export, AR
+    training, sampling): it launches the worker through Dagster Pipes, so rank 0's log lines land in
+    the run's event log (the workers' raw stdout, torch warnings included, stays in the step's captured
+    output), and keeps the report each worker sends, by artefact key. `numbers()` is what an asset
+    builds its metadata from: that report when the worker ran in this run, else the stored manifest."""
+
+    def __init__(self, context: AssetExecutionContext, client: PipesSubprocessClient):
+        self.context, self.client = context, client
+        self.reports: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, argv: list[str], env: dict[str, str]) -> None:
+        invocation = self.client.run(command=argv, context=self.context, env=env)
+        for message in invocation.get_custom_messages():
+            if isinstance(message, dict) and "report" in message:  # pipelines.workers.report()
+                self.reports[message["key"]] = message["report"]
+
+    def numbers(self, result: StepResult) -> tuple[dict[str, Any], str]:
+        """(fields, `metrics_from`): the report of the worker that made `result`'s artefact in this run
+        (`pipes`), keyed like its manifest's fields; else the manifest's own fields (`manifest`: reused)."""
+        report = self.reports.get(result.artifact.key)
+        if report is not None:
+            return report, "pipes"
+        return dataclasses.asdict(result.manifest), "manifest"
 
 
 INLINE_LIMIT = 1 << 20  # bytes: larger PNGs are linked, never inlined into an event-log row

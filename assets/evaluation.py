@@ -1,11 +1,19 @@
 """Evaluation assets (group `evaluation`): samples, reconstruction and generation metrics, linear
 probe, results table. Metrics are named by their evaluator (`fd_effnetlite0` is not FID)."""
 
-from dagster import AllPartitionMapping, AssetDep, AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AllPartitionMapping,
+    AssetDep,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    PipesSubprocessClient,
+    asset,
+)
 
 from assets import checks
 from assets.ar import ar_model
-from assets.data import data_version, image_shards, materialized, per_variant, png_markdown
+from assets.data import WorkerReports, data_version, image_shards, materialized, per_variant, png_markdown
 from assets.resources import ACCELERATOR_POOL, ProfileResource, StoreResource, run_plan, variant_partitions
 from assets.tokenizer import ONE_RUN, tokenizer
 from assets.tokens import token_dataset
@@ -82,26 +90,35 @@ def sampling_tuning(context: AssetExecutionContext, store: StoreResource, profil
     description="N samples per class from the AR model, with and without classifier-free guidance, as lossless "
     "PNG WebDataset shards with a recorded seed per sample; resumable.",
 )
-def samples(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+def samples(
+    context: AssetExecutionContext,
+    store: StoreResource,
+    profile: ProfileResource,
+    pipes_subprocess_client: PipesSubprocessClient,
+):
     plan, problems = run_plan(context.instance, profile, store), {}
     prof = plan.profile
+    workers = WorkerReports(context, pipes_subprocess_client)  # rank 0 reports counts and sampler settings
 
     def step(variant: str):
         # one sample set per sampling run (seed), each checked against the protocol
-        runs = sampling.generate_samples(plan, variant, on_log=context.log.info, progress=False)
+        runs = sampling.generate_samples(plan, variant, on_log=context.log.info, progress=False, runner=workers)
         problems[variant] = [p for r in runs for p in sampling.protocol_problems(r.artifact, r.manifest, prof)]
         result = runs[0]
         m, art = result.manifest, result.artifact
+        numbers, source = workers.numbers(result)
+        counts, samplers = numbers["counts"], numbers["samplers"]
         metadata = {
-            "samples_cfg": m.counts["samples"]["cfg"],
-            "samples_nocfg": m.counts["samples"]["nocfg"],
+            "samples_cfg": counts["samples"]["cfg"],
+            "samples_nocfg": counts["samples"]["nocfg"],
             "per_class": prof.evaluation.samples_per_class,
-            "sampler_cfg": MetadataValue.json({k: m.samplers["cfg"][k] for k in tuning.KNOBS}),
-            "sampler_nocfg": MetadataValue.json({k: m.samplers["nocfg"][k] for k in tuning.KNOBS}),
+            "sampler_cfg": MetadataValue.json({k: samplers["cfg"][k] for k in tuning.KNOBS}),
+            "sampler_nocfg": MetadataValue.json({k: samplers["nocfg"][k] for k in tuning.KNOBS}),
             "sampling_runs": len(runs),
             "seed_rule": m.seed_rule,
             "grid_cfg": png_markdown(art, "grid_cfg.png", "with guidance: 8 samples per class (rows)"),
             "grid_nocfg": png_markdown(art, "grid_nocfg.png", "without guidance: 8 samples per class"),
+            "metrics_from": source,
         }
         if "resample_visual.png" in m.files:
             metadata["resample_visual"] = png_markdown(

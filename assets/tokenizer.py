@@ -6,11 +6,12 @@ from dagster import (
     AssetExecutionContext,
     BackfillPolicy,
     MetadataValue,
+    PipesSubprocessClient,
     asset,
 )
 
 from assets import checks
-from assets.data import image_shards, per_variant, png_markdown
+from assets.data import WorkerReports, image_shards, per_variant, png_markdown
 from assets.resources import ACCELERATOR_POOL, ProfileResource, StoreResource, run_plan, variant_partitions
 from pipelines import train_tokenizer
 from pipelines.plan import CODE_VERSIONS
@@ -34,18 +35,26 @@ ONE_RUN = BackfillPolicy.single_run()
     description="Stage-1 tokenizer (baseline: z_len = 0, no joint prior; prologue: prologue tokens trained "
     "only through the joint AR CE), trained data-parallel in a subprocess, resumable from store checkpoints.",
 )
-def tokenizer(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+def tokenizer(
+    context: AssetExecutionContext,
+    store: StoreResource,
+    profile: ProfileResource,
+    pipes_subprocess_client: PipesSubprocessClient,
+):
     plan = run_plan(context.instance, profile, store)
     prof, finite, usage = plan.profile, {}, {}
+    workers = WorkerReports(context, pipes_subprocess_client)  # rank 0 reports its steps and metrics
 
     def step(variant: str):
-        result = train_tokenizer.train_tokenizer(plan, variant, on_log=context.log.info, progress=False)
-        m, art = result.manifest, result.artifact
+        result = train_tokenizer.train_tokenizer(plan, variant, on_log=context.log.info, progress=False,
+                                                 runner=workers)  # fmt: skip
+        art = result.artifact
         finite[variant] = checks.finite_problems(art, full=not result.cached)  # reused: sizes only
         usage[variant] = checks.codebook_problems(art, prof.operations.codebook_usage_floor)
-        metrics = m.metrics
+        numbers, source = workers.numbers(result)
+        metrics = numbers["metrics"]
         metadata = {
-            "steps": m.counts.steps,
+            "steps": numbers["counts"]["steps"],
             "val_psnr_db": round(metrics["psnr_db"], 3),
             "val_l1": round(metrics["l1"], 5),
             "val_images": metrics["images"],
@@ -55,6 +64,7 @@ def tokenizer(context: AssetExecutionContext, store: StoreResource, profile: Pro
             "trainable_parameters": metrics["trainable_parameters"],
             "reconstructions": png_markdown(art, "reconstructions.png", "val: originals (top), EMA recon"),
             "loss_curves": png_markdown(art, "loss_curves.png", "loss curves"),
+            "metrics_from": source,
         }
         if "prologue_codes" in metrics:
             metadata["prologue_codes_used"] = round(metrics["prologue_codes"]["fraction_used"], 4)

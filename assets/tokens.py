@@ -2,10 +2,10 @@
 
 import dataclasses
 
-from dagster import AssetExecutionContext, MetadataValue, asset
+from dagster import AssetExecutionContext, MetadataValue, PipesSubprocessClient, asset
 
 from assets import checks
-from assets.data import per_variant, png_markdown
+from assets.data import WorkerReports, per_variant, png_markdown
 from assets.resources import ACCELERATOR_POOL, ProfileResource, StoreResource, run_plan, variant_partitions
 from assets.tokenizer import ONE_RUN, tokenizer
 from pipelines import token_export
@@ -25,14 +25,21 @@ from pipelines.plan import CODE_VERSIONS
     "view; val: centre only), stored twice with identical rows: Parquet and WebDataset. A reconstruction sanity "
     "check runs before the full encode.",
 )
-def token_dataset(context: AssetExecutionContext, store: StoreResource, profile: ProfileResource):
+def token_dataset(
+    context: AssetExecutionContext,
+    store: StoreResource,
+    profile: ProfileResource,
+    pipes_subprocess_client: PipesSubprocessClient,
+):
     plan, problems = run_plan(context.instance, profile, store), {}
+    workers = WorkerReports(context, pipes_subprocess_client)  # rank 0 reports the counts once all ranks are done
 
     def step(variant: str):
-        result = token_export.export_tokens(plan, variant, on_log=context.log.info, progress=False)
+        result = token_export.export_tokens(plan, variant, on_log=context.log.info, progress=False, runner=workers)
         m, art = result.manifest, result.artifact
         problems[variant] = checks.token_problems(art, full=not result.cached)  # reused: sizes only
-        counts, sanity = m.counts, m.sanity
+        numbers, source = workers.numbers(result)
+        counts, sanity = numbers["counts"], m.sanity  # the sanity check runs in the parent, before the worker
         return result, {
             "train_rows": counts["rows"]["train"],
             "val_rows": counts["rows"]["val"],
@@ -46,6 +53,7 @@ def token_dataset(context: AssetExecutionContext, store: StoreResource, profile:
             "sanity_psnr_db": sanity["psnr_db"],
             "tokenizer_psnr_db": round(sanity["tokenizer_psnr_db"], 4),
             "sanity": png_markdown(art, "sanity.png", "val originals (top), decoded from stored codes"),
+            "metrics_from": source,
         }
 
     yield per_variant(context, step)

@@ -3,8 +3,9 @@
 `command()` builds the command line and environment (the torchrun contract: RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so that another runner (Dagster Pipes) can start it too.
 `launch_worker()` runs a worker of `pipelines.workers`, streaming output line by line to a callback
-(the Dagster log or stdout); a non-zero exit raises with the last lines of output, so a failed
-rank is visible where it ran.
+(stdout or a logger); a non-zero exit raises with the last lines of output, so a failed rank is
+visible where it ran. Given a `runner` (the assets pass one that launches through Dagster Pipes),
+it hands the command to that instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+Runner = Callable[[list[str], dict[str, str]], None]  # (argv, extra environment) -> runs to completion or raises
 
 
 class LaunchError(RuntimeError):
@@ -78,10 +81,24 @@ def worker_command(name: str, store, key: str, processes: int = 1, progress: boo
 
 
 def launch_worker(
-    name: str, store, key: str, processes: int = 1, progress: bool = True, on_line: Callable[[str], None] = print
+    name: str,
+    store,
+    key: str,
+    processes: int = 1,
+    progress: bool = True,
+    on_line: Callable[[str], None] = print,
+    *,
+    runner: Runner | None = None,
+    env: dict[str, str] | None = None,
 ) -> None:
-    """Run worker `pipelines.workers.<name>` on `processes` local ranks (torchrun when more than one)."""
-    run(*worker_command(name, store, key, processes, progress), on_line)
+    """Run worker `pipelines.workers.<name>` on `processes` local ranks (torchrun when more than one),
+    with `env` added to its environment: here, streaming its output to `on_line`, or through `runner`."""
+    argv, full_env = worker_command(name, store, key, processes, progress)
+    full_env.update(env or {})
+    if runner is None:
+        run(argv, full_env, on_line)
+    else:
+        runner(argv, full_env)
 
 
 def ranks_in_sync(model, world: int) -> bool:
@@ -108,9 +125,11 @@ class WorkerContext:
     device: Any
 
     def say(self, message: str) -> None:
-        """Print on rank 0 only (the parent streams it into its log)."""
+        """A log line from rank 0 only (`pipelines.workers.say`: printed, and sent through Pipes if open)."""
         if self.rank == 0:
-            print(message, flush=True)
+            from pipelines.workers import say
+
+            say(message)
 
     def progress(self, total: int, initial: int = 0, unit: str = "step", enabled: bool = True):
         """A progress bar on rank 0 when stderr is a terminal (log lines carry progress elsewhere)."""

@@ -14,9 +14,10 @@ written as a WebDataset tar `samples/<guidance>-c<class>-<chunk>.tar` of lossles
 Sample i of class c has seed `sample_seed(sampler.seed, c, i)`, recorded in its json, so any sample
 can be regenerated alone. Finished tasks are recorded as parts: a killed run continues where it
 stopped, without duplicates. Guidance `cfg` and `nocfg` use the settings `sampling_tuning[variant]`
-selected (split guidance, and guidance off), with this run's seed. The parent then draws the
-per-class grids (and, for the prologue variant, a "fixed prologue, resampled visual tokens" grid)
-and commits the manifest.
+selected (split guidance, and guidance off), with this run's seed. Once every rank is done, rank 0
+reports the run's counts and sampler settings (through Dagster Pipes when launched by it). The
+parent then draws the per-class grids (and, for the prologue variant, a "fixed prologue, resampled
+visual tokens" grid) and commits the manifest.
 
 Standalone: `python -m pipelines.sampling --profile fashion32 --variant prologue`.
 """
@@ -34,7 +35,7 @@ import torch
 from modeling.config import from_dict, to_dict
 from modeling.sampler import SamplerConfig
 from pipelines.images import grid_png
-from pipelines.launch import launch_worker
+from pipelines.launch import Runner, launch_worker
 from pipelines.loaders import load_ar, load_tokenizer
 from pipelines.manifests import SamplesManifest
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
@@ -58,15 +59,21 @@ def tasks(num_classes: int, per_class: int, shard_size: int) -> list[tuple[str, 
 
 
 def generate_samples(
-    plan: Plan, variant: str, *, on_log: Callable[[str], None] = log.info, progress: bool = True
+    plan: Plan,
+    variant: str,
+    *,
+    on_log: Callable[[str], None] = log.info,
+    progress: bool = True,
+    runner: Runner | None = None,
 ) -> list[StepResult]:
     """Sample (or find) every sampling run's sample set of one variant (one per sampler seed)."""
     return [
-        cached_or_run(t, lambda t=t: _sample(plan, t, variant, progress, on_log), on_log) for t in plan.samples(variant)
+        cached_or_run(t, lambda t=t: _sample(plan, t, variant, progress, on_log, runner), on_log)
+        for t in plan.samples(variant)
     ]
 
 
-def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log: Callable[[str], None]) -> dict:
+def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log, runner: Runner | None) -> dict:
     ar, tok = plan.ar(variant), plan.tokenizer(variant)
     ar.require()
     tok_manifest = tok.require()
@@ -75,24 +82,17 @@ def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
     ev, artifact = plan.profile.evaluation, target.artifact
     seed = target.config["sampler"]["seed"]  # this run's seed; the other settings are the tuned ones
     samplers = {g: to_dict(replace(from_dict(SamplerConfig, selected[g]), seed=seed)) for g in GUIDANCE}
-    spec = {**target.config, "inputs": target.inputs, "num_classes": len(classes), "samplers": samplers}
+    spec = {**target.config, "inputs": target.inputs, "num_classes": len(classes), "classes": classes,
+            "samplers": samplers}  # fmt: skip
     spec_record = artifact.put_json("spec.json", spec)
-    launch_worker("sampling", plan.store, artifact.key, ev.processes, progress, on_log)
+    launch_worker("sampling", plan.store, artifact.key, ev.processes, progress, on_log, runner=runner)
     parts = artifact.parts()
     todo = tasks(len(classes), ev.samples_per_class, ev.sample_shard_size)
     missing = [t[0] for t in todo if t[0] not in parts]
     if missing:
         raise RuntimeError(f"{artifact.uri}: the sampling subprocess exited without {', '.join(missing[:5])} ...")
-    files = {"spec.json": spec_record.__dict__}
-    layout: dict[str, list[str]] = {g: [] for g in GUIDANCE}
-    counts: dict[str, dict[str, int]] = {g: {c: 0 for c in classes} for g in GUIDANCE}
-    seeds: dict[str, set[int]] = {g: set() for g in GUIDANCE}  # cfg and nocfg share seeds: paired sets
-    for name, g, c, _, _ in todo:
-        part = parts[name]
-        files.update(part["files"])
-        layout[g] += list(part["files"])
-        counts[g][classes[c]] += part["samples"]
-        seeds[g].update(part["seeds"])
+    shard_files, layout, counts = tally(parts, todo, classes)
+    files = {"spec.json": spec_record.__dict__, **shard_files}
     nocfg = from_dict(SamplerConfig, samplers["nocfg"])
     for rel, png in _grids(artifact, layout, ar.artifact, tok.artifact, classes, nocfg).items():
         files[rel] = artifact.put_bytes(rel, png).__dict__
@@ -104,15 +104,32 @@ def _sample(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
         code_version=CODE_VERSIONS[ASSET],
         layout=layout,
         classes=classes,
-        counts={
-            "per_class": counts,
-            "samples": {g: sum(c.values()) for g, c in counts.items()},
-            "unique_seeds": {g: len(v) for g, v in seeds.items()},
-        },
+        counts=counts,
         image={"size": tok_manifest.config["model"]["image_size"], "format": "png"},
         seed_rule="blake2b-8(f'{sampler.seed}/{class}/{index}') >> 1 (modeling.sampler.sample_seed)",
         samplers=samplers,
     )
+
+
+def tally(parts: dict[str, dict], todo: list[tuple], classes: list[str]) -> tuple[dict, dict, dict]:
+    """(files, layout, counts) of a sampling run whose every task has its part: what the parent commits
+    and what the worker reports (samples per class and guidance, totals, unique seeds)."""
+    files: dict[str, dict] = {}
+    layout: dict[str, list[str]] = {g: [] for g in GUIDANCE}
+    per_class: dict[str, dict[str, int]] = {g: {c: 0 for c in classes} for g in GUIDANCE}
+    seeds: dict[str, set[int]] = {g: set() for g in GUIDANCE}  # cfg and nocfg share seeds: paired sets
+    for name, g, c, _, _ in todo:
+        part = parts[name]
+        files.update(part["files"])
+        layout[g] += list(part["files"])
+        per_class[g][classes[c]] += part["samples"]
+        seeds[g].update(part["seeds"])
+    counts = {
+        "per_class": per_class,
+        "samples": {g: sum(c.values()) for g, c in per_class.items()},
+        "unique_seeds": {g: len(v) for g, v in seeds.items()},
+    }
+    return files, layout, counts
 
 
 PREVIEW_CLASSES = 16  # grid rows: the first 16 classes (1,000 ImageNet rows would be a ~250,000 px tall PNG)

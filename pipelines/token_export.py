@@ -35,7 +35,7 @@ import torch
 
 from modeling.config import to_dict
 from pipelines.images import grid_png
-from pipelines.launch import launch_worker
+from pipelines.launch import Runner, launch_worker
 from pipelines.loaders import load_tokenizer
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.profiles import SPLITS, TokenExportConfig
@@ -100,55 +100,46 @@ def encode(tokenizer, images: torch.Tensor, device: torch.device) -> tuple[np.nd
 
 # -- the parent: sanity check, launch, commit -------------------------------------------------------
 def export_tokens(
-    plan: Plan, variant: str, *, on_log: Callable[[str], None] = log.info, progress: bool = True
+    plan: Plan,
+    variant: str,
+    *,
+    on_log: Callable[[str], None] = log.info,
+    progress: bool = True,
+    runner: Runner | None = None,
 ) -> StepResult:
     """Export (or find) the pre-tokenised dataset of one variant from its plan tokenizer and image
     shards; returns once its manifest exists."""
     target = plan.tokens(variant)
-    return cached_or_run(target, lambda: _export(plan, target, variant, progress, on_log), on_log)
+    return cached_or_run(target, lambda: _export(plan, target, variant, progress, on_log, runner), on_log)
 
 
-def _export(plan: Plan, target: Target, variant: str, progress: bool, on_log: Callable[[str], None]) -> dict:
+def _export(plan: Plan, target: Target, variant: str, progress: bool, on_log, runner: Runner | None) -> dict:
     tok = plan.tokenizer(variant)
     tok_manifest = tok.require()
     shards = {s: plan.shards(s) for s in SPLITS}
     shard_manifests = {s: t.require() for s, t in shards.items()}
-    cfg, artifact = plan.profile.tokens, target.artifact
+    cfg, artifact, codes = plan.profile.tokens, target.artifact, plan.codes(variant)
     sanity, grid = sanity_check(tok.artifact, tok_manifest.metrics["psnr_db"], shards["val"].artifact, cfg)
     on_log(
         f"sanity check: stored codes decode to the tokenizer's reconstructions; PSNR {sanity['psnr_db']:.2f} dB "
         f"on {sanity['images']} val images (tokenizer: {sanity['tokenizer_psnr_db']:.2f} dB)"
     )
     shard_keys = {s: t.key for s, t in shards.items()}
-    spec = {"variant": target.config["variant"], "tokens": to_dict(cfg), "tokenizer": tok.key, "shards": shard_keys}
+    spec = {"variant": target.config["variant"], "tokens": to_dict(cfg), "tokenizer": tok.key, "shards": shard_keys,
+            "codes": codes}  # fmt: skip
     records = {
         "spec.json": artifact.put_json("spec.json", spec).__dict__,
         "sanity.png": artifact.put_bytes("sanity.png", grid_png(grid)).__dict__,
     }
-    launch_worker("export", plan.store, artifact.key, cfg.processes, progress, on_log)
+    launch_worker("export", plan.store, artifact.key, cfg.processes, progress, on_log, runner=runner)
     parts = artifact.parts()
     todo = tasks({s: m.shards for s, m in shard_manifests.items()})
     missing = [name for name, _, _ in todo if name not in parts]
     if missing:
         raise RuntimeError(f"{artifact.uri}: the export subprocess exited without {', '.join(missing)}")
-    codes = plan.codes(variant)
-    layout: dict[str, dict[str, list]] = {f: {s: [] for s in SPLITS} for f in FORMATS}
-    counts: dict[str, Any] = {"rows": {s: 0 for s in SPLITS}, "images": {s: 0 for s in SPLITS}}
-    for name, split, _ in todo:
-        part = parts[name]
-        records.update(part["files"])
-        counts["rows"][split] += part["rows"]
-        counts["images"][split] += part["images"]
-        for fmt in FORMATS:
-            layout[fmt][split].append({"file": part[fmt]["file"], "rows": part["rows"], "units": part[fmt]["units"]})
-    tokens = sum(counts["rows"].values()) * (codes["z_len"] + codes["num_visual"])
-    counts["tokens"] = tokens
-    counts["bytes_per_token"] = {
-        fmt: round(sum(records[f["file"]]["size"] for s in SPLITS for f in layout[fmt][s]) / tokens, 4)
-        for fmt in FORMATS
-    }
+    files, layout, counts = summarise(parts, todo, codes)
     return artifact.commit(
-        records,
+        {**records, **files},
         profile=plan.label,
         config=target.config,
         lineage=target.inputs,
@@ -160,6 +151,28 @@ def _export(plan: Plan, target: Target, variant: str, progress: bool, on_log: Ca
         classes=shard_manifests["train"].classes,
         sanity=sanity,
     )
+
+
+def summarise(parts: dict[str, dict], todo: list[tuple[str, str, str]], codes: dict) -> tuple[dict, dict, dict]:
+    """(files, layout, counts) of an export whose every task has its part: what the parent commits and
+    what the worker reports (rows and images per split, tokens, bytes per token of each format)."""
+    files: dict[str, dict] = {}
+    layout: dict[str, dict[str, list]] = {f: {s: [] for s in SPLITS} for f in FORMATS}
+    counts: dict[str, Any] = {"rows": {s: 0 for s in SPLITS}, "images": {s: 0 for s in SPLITS}}
+    for name, split, _ in todo:
+        part = parts[name]
+        files.update(part["files"])
+        counts["rows"][split] += part["rows"]
+        counts["images"][split] += part["images"]
+        for fmt in FORMATS:
+            layout[fmt][split].append({"file": part[fmt]["file"], "rows": part["rows"], "units": part[fmt]["units"]})
+    tokens = sum(counts["rows"].values()) * (codes["z_len"] + codes["num_visual"])
+    counts["tokens"] = tokens
+    counts["bytes_per_token"] = {
+        fmt: round(sum(files[f["file"]]["size"] for s in SPLITS for f in layout[fmt][s]) / tokens, 4)
+        for fmt in FORMATS
+    }
+    return files, layout, counts
 
 
 def tasks(shards: dict[str, list[str]]) -> list[tuple[str, str, str]]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from modeling.config import to_dict
-from pipelines.launch import run, worker_command
+from pipelines.launch import Runner, launch_worker
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.runner import step_main
 from pipelines.store import StepResult
@@ -32,8 +32,6 @@ ASSET = "ar_model"
 CURVES = ("loss", "ce_prologue", "ce_visual", "accuracy_prologue", "accuracy_visual", "lr", "tokens_per_s")
 SHOWN = ("loss", "ce_prologue", "ce_visual", "accuracy_visual", "grad_norm")
 log = logging.getLogger(__name__)
-
-Runner = Callable[[list[str], dict[str, str]], None]  # (argv, extra environment) -> runs to completion
 
 
 def train_ar(
@@ -103,13 +101,9 @@ def _train(plan: Plan, target: Target, variant: str, progress: bool, on_log, run
         "profile": plan.label,
     }
     spec_record = artifact.put_json("spec.json", spec)
-    argv, env = worker_command("ar", plan.store, artifact.key, cfg.processes, progress)
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for GPUs (and mpi4py)
-    if runner is None:
-        run(argv, env, on_line=on_log)
-    else:
-        runner(argv, env)
+    # on CPU, DeepSpeed would otherwise probe for GPUs (and mpi4py)
+    env = {} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}
+    launch_worker("ar", plan.store, artifact.key, cfg.processes, progress, on_log, runner=runner, env=env)
     return artifact.commit_trained(
         {"spec.json": spec_record},
         counts=("steps", "parameters"),

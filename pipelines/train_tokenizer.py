@@ -4,7 +4,8 @@
 unless that artefact already exists, launches its worker (`pipelines.workers.tokenizer`) as a subprocess on
 `tokenizer_train.processes` ranks (torchrun; gloo on CPU, NCCL on GPU). The worker resumes from
 the newest checkpoint in the store, trains, checkpoints every N steps, and rank 0 evaluates the
-EMA weights on val and writes the outputs; the parent then commits the manifest.
+EMA weights on val and writes the outputs (and, launched through a `runner` such as the asset's
+Dagster Pipes one, reports its metrics to it); the parent then commits the manifest.
 
 Standalone: `python -m pipelines.train_tokenizer --profile fashion32 --variant prologue`.
 """
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Callable
 
 from modeling.config import to_dict
-from pipelines.launch import launch_worker
+from pipelines.launch import Runner, launch_worker
 from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
 from pipelines.profiles import SPLITS
 from pipelines.runner import step_main
@@ -28,15 +29,20 @@ CURVES = ("l1", "l2", "vq", "ce_prologue", "ce_visual", "prior_ce_prologue", "pr
 
 
 def train_tokenizer(
-    plan: Plan, variant: str, *, on_log: Callable[[str], None] = log.info, progress: bool = True
+    plan: Plan,
+    variant: str,
+    *,
+    on_log: Callable[[str], None] = log.info,
+    progress: bool = True,
+    runner: Runner | None = None,
 ) -> StepResult:
     """Train (or find) the tokenizer of one variant from the plan's image shards (and, for
     Prologue-Post, its trained baseline); returns once the manifest is committed."""
     target = plan.tokenizer(variant)
-    return cached_or_run(target, lambda: _train(plan, target, variant, progress, on_log), on_log)
+    return cached_or_run(target, lambda: _train(plan, target, variant, progress, on_log, runner), on_log)
 
 
-def _train(plan: Plan, target: Target, variant: str, progress: bool, on_log: Callable[[str], None]) -> dict:
+def _train(plan: Plan, target: Target, variant: str, progress: bool, on_log, runner: Runner | None) -> dict:
     for s in SPLITS:
         plan.shards(s).require()
     base = plan.base_tokenizer(variant)
@@ -53,7 +59,7 @@ def _train(plan: Plan, target: Target, variant: str, progress: bool, on_log: Cal
         "profile": plan.label,
     }
     spec_record = artifact.put_json("spec.json", spec)
-    launch_worker("tokenizer", plan.store, artifact.key, train.processes, progress, on_log)
+    launch_worker("tokenizer", plan.store, artifact.key, train.processes, progress, on_log, runner=runner)
     return artifact.commit_trained(
         {"spec.json": spec_record}, profile=plan.label, config=target.config, lineage=target.inputs,
         code_version=CODE_VERSIONS[ASSET],

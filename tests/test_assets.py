@@ -291,3 +291,58 @@ def test_the_dg_project_checks_and_launches(tmp_path, fashion_mnist):
     assert launch.returncode == 0, launch.stderr[-2000:]
     manifests = sorted((tmp_path / "s" / "image_shards").glob("*/_manifest.json"))
     assert len(manifests) == 2  # train and val
+
+
+def test_worker_assets_metadata_comes_through_dagster_pipes(tiny_copy):
+    """tokenizer, token_dataset and samples launch their workers through Dagster Pipes: rank 0's lines reach
+    the event log, and the metadata is built from the worker's report (`metrics_from: pipes`), equal to what
+    it stored; a rerun reuses the artefacts and builds the same metadata from the manifests."""
+    import shutil
+
+    from assets.ar import ar_model
+    from assets.evaluation import samples, sampling_tuning
+    from assets.tokenizer import tokenizer
+    from assets.tokens import token_dataset
+    from pipelines.tuning import KNOBS
+    from tests.conftest import tiny_plan, tiny_resources
+
+    plan, variant = tiny_plan(tiny_copy), "prologue"
+    redo = [plan.tokenizer(variant), plan.tokens(variant), *plan.samples(variant)]
+    for target in redo:  # made again, here, by their workers (ar_model and sampling_tuning stay)
+        shutil.rmtree(f"{tiny_copy.root}/{target.asset}/{target.key}")
+    # ar_model and sampling_tuning (reused) put samples after token_dataset in the run
+    assets = [tokenizer, token_dataset, ar_model, sampling_tuning, samples]
+    resources = tiny_resources(tiny_copy.root)
+
+    def metadata(result) -> dict[str, dict]:
+        return {e.asset_key.path[-1]: {k: v.value for k, v in e.materialization.metadata.items()}
+                for e in result.get_asset_materialization_events()}  # fmt: skip
+
+    with DagsterInstance.ephemeral() as instance:
+        result = materialize(assets, partition_key=variant, resources=resources, instance=instance)
+        md = metadata(result)
+        from_ = {a: m.get("metrics_from") for a, m in md.items()}
+        assert from_ == {**dict.fromkeys(("tokenizer", "token_dataset", "samples"), "pipes"),
+                         "ar_model": "manifest", "sampling_tuning": None}  # fmt: skip
+        logs = [e.user_message for e in instance.all_logs(result.run_id)]
+        for line in ("step 30/30", "val PSNR", "val rows", "samples with guidance"):  # one per worker at least
+            assert any(line in msg for msg in logs), f"{line!r} did not reach the event log through Pipes"
+        again = metadata(materialize(assets, partition_key=variant, resources=resources, instance=instance))
+    tok, tokens, smp = (t.artifact.manifest() for t in redo[:3])
+    stored = {
+        "tokenizer": {"steps": tok["counts"]["steps"], "val_psnr_db": round(tok["metrics"]["psnr_db"], 3),
+                      "val_images": tok["metrics"]["images"], "ranks": tok["metrics"]["ranks"],
+                      "prologue_codes_used": round(tok["metrics"]["prologue_codes"]["fraction_used"], 4)},
+        "token_dataset": {"train_rows": tokens["counts"]["rows"]["train"], "tokens": tokens["counts"]["tokens"],
+                          "bytes_per_token_wds": tokens["counts"]["bytes_per_token"]["wds"]},
+        "samples": {"samples_cfg": smp["counts"]["samples"]["cfg"], "samples_nocfg": smp["counts"]["samples"]["nocfg"],
+                    "sampler_cfg": {k: smp["samplers"]["cfg"][k] for k in KNOBS}},
+    }  # fmt: skip
+    assert tok["metrics"] == redo[0].artifact.read_json("metrics.json")
+    for asset, fields in stored.items():
+        assert {k: md[asset][k] for k in fields} == fields, asset
+        assert again[asset]["metrics_from"] == "manifest" and again[asset]["reused_existing"] is True
+        moving = ("metrics_from", "reused_existing", "seconds")
+        assert {k: v for k, v in again[asset].items() if k not in moving} == {
+            k: v for k, v in md[asset].items() if k not in moving
+        }, asset

@@ -19,7 +19,7 @@ from pipelines.checkpoints import latest_checkpoint, load_checkpoint, load_tenso
 from pipelines.profiles import load_profile
 from pipelines.store import Store
 from pipelines.train_tokenizer import train_tokenizer
-from tests.conftest import copy_store, tiny_plan
+from tests.conftest import copy_store, tiny_plan, tiny_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,11 +155,11 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, tiny_graph):
 def test_tokenizer_asset_both_variants_in_one_run(tmp_path, tiny_graph):
     from assets.automation import ALL_VARIANTS
     from assets.data import image_shards
-    from assets.resources import ProfileResource, StoreResource
+    from assets.resources import ProfileResource
     from assets.tokenizer import tokenizer
 
     copy_store(tiny_graph.root, Store(str(tmp_path)), ("image_shards", "tokenizer"))  # trained by tiny_graph
-    resources = {"store": StoreResource(url=str(tmp_path)), "profile": ProfileResource(name="tiny")}
+    resources = tiny_resources(tmp_path)  # the tokenizer launches its worker through Dagster Pipes
     with DagsterInstance.ephemeral() as instance:
         # one run over both variant partitions: each gets its own materialisation and metadata
         result = materialize([image_shards, tokenizer], resources=resources, instance=instance, tags=ALL_VARIANTS)

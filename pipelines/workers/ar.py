@@ -2,8 +2,9 @@
 
 Resumes from the newest checkpoint in the store (DeepSpeed engine state + float32 EMA), streams
 batches with the resumable token reader, checkpoints every N steps and at the end; rank 0 then
-evaluates the EMA weights on val and writes consolidated safetensors and the `final` part that the
-parent step (`pipelines.train_ar`) commits. Started as `python -m pipelines.workers.ar`.
+evaluates the EMA weights on val, writes consolidated safetensors and the `final` part that the
+parent step (`pipelines.train_ar`) commits, and reports its counts, metrics and DeepSpeed settings
+(through Dagster Pipes when launched by it). Started as `python -m pipelines.workers.ar`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pipelines.images import loss_curves_png
 from pipelines.launch import ranks_in_sync, worker_context
 from pipelines.store import Artifact, Store
 from pipelines.token_reader import token_loader
-from pipelines.workers import worker_main
+from pipelines.workers import report, say, worker_main
 
 ASSET = "ar_model"
 CURVES = ("loss", "ce_prologue", "ce_visual", "accuracy_prologue", "accuracy_visual", "lr", "tokens_per_s")
@@ -39,25 +40,24 @@ def run(store: Store, key: str, progress: bool) -> None:
     spec = artifact.read_json("spec.json")
     model_cfg, cfg = from_dict(ARConfig, spec["model"]), from_dict(ARTrainConfig, spec["train"])
     trainer = ARTrainer(model_cfg, cfg, ctx.device)
-    pipes = _open_pipes() if ctx.rank == 0 else None
     staging = os.path.join(tempfile.gettempdir(), f"prologue-{ASSET}-{key}")  # shared by the ranks of a node
     history: list[dict] = []
     ckpt = latest_checkpoint(artifact)
     if ckpt is not None:
         history = _resume(trainer, artifact, ckpt, staging, ctx.local_rank)
-        _say(ctx.rank, pipes, f"resumed from {ckpt['folder']} (step {trainer.step})")
+        ctx.say(f"resumed from {ckpt['folder']} (step {trainer.step})")
     tokens = store.artifact("token_dataset", spec["token_dataset"])
-    _train(ctx, trainer, cfg, artifact, tokens, history, staging, pipes, progress)
+    _train(ctx, trainer, cfg, artifact, tokens, history, staging, progress)
     in_sync = ranks_in_sync(trainer.model, ctx.world)
     if os.environ.get("PROLOGUE_RANK_WEIGHTS"):  # every rank's own final weights, for checking data parallelism
         artifact.put_safetensors(f"ranks/rank-{ctx.rank}.safetensors", trainer.model.state_dict())
     if ctx.rank == 0:
-        _final(artifact, trainer, cfg, tokens, history, {"ranks": ctx.world, "ranks_in_sync": in_sync}, pipes)
+        _final(ctx, artifact, trainer, cfg, tokens, history, {"ranks": ctx.world, "ranks_in_sync": in_sync})
     shutil.rmtree(staging, ignore_errors=True)
     ctx.barrier()
 
 
-def _train(ctx, trainer, cfg, artifact: Artifact, tokens: Artifact, history: list, staging: str, pipes, progress):
+def _train(ctx, trainer, cfg, artifact: Artifact, tokens: Artifact, history: list, staging: str, progress: bool):
     """Train to `cfg.steps` from where the trainer is, logging and checkpointing on the way."""
     loader = token_loader(
         tokens,
@@ -82,39 +82,24 @@ def _train(ctx, trainer, cfg, artifact: Artifact, tokens: Artifact, history: lis
             t0, last = time.perf_counter(), trainer.step
             history.append({"step": trainer.step, **stats})
             shown = " ".join(f"{k}={stats[k]:.4g}" for k in SHOWN if k in stats)
-            _say(ctx.rank, pipes, f"step {trainer.step}/{cfg.steps} {shown} {stats['tokens_per_s']:.0f} tok/s")
+            ctx.say(f"step {trainer.step}/{cfg.steps} {shown} {stats['tokens_per_s']:.0f} tok/s")
         if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
             folder = _save(trainer, artifact, history, staging, ctx.rank, ctx.local_rank, ctx.world)
-            _say(ctx.rank, pipes, f"checkpoint {folder}")
+            ctx.say(f"checkpoint {folder}")
     bar.close()
 
 
-def _final(artifact: Artifact, trainer, cfg, tokens: Artifact, history: list, extra: dict, pipes) -> None:
-    """Rank 0: evaluate the EMA weights on val, write the outputs, report the metrics through Pipes."""
+def _final(ctx, artifact: Artifact, trainer, cfg, tokens: Artifact, history: list, extra: dict) -> None:
+    """Rank 0: evaluate the EMA weights on val, write the outputs, report what it stored."""
     from modeling.ar_trainer import deepspeed_config
 
     val = token_loader(tokens, 500, num_workers=0, split="val", shuffle=False, epochs=1, rank=0, world_size=1)
     metrics = {**trainer.evaluate(val), **extra, "final": {k: v for k, v in history[-1].items() if k != "step"}}
     ds = {"config": deepspeed_config(cfg, trainer.bf16), "bf16": trainer.bf16}
     _finish(artifact, trainer, history, metrics, ds)
-    _say(0, pipes, f"val ce_visual {metrics['val_ce_visual']:.4f} on {metrics['val_sequences']} sequences")
-    if pipes is not None:
-        pipes.report_custom_message({"metrics": metrics})
-        pipes.close()
-
-
-def _open_pipes():
-    """The Dagster Pipes context when launched by Dagster Pipes, else None (standalone run)."""
-    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
-
-    return open_dagster_pipes() if PipesEnvVarParamsLoader().is_dagster_pipes_process() else None
-
-
-def _say(rank: int, pipes, message: str) -> None:
-    if rank == 0:
-        print(message, flush=True)
-        if pipes is not None:
-            pipes.log.info(message)
+    ctx.say(f"val ce_visual {metrics['val_ce_visual']:.4f} on {metrics['val_sequences']} sequences")
+    counts = {"steps": trainer.step, "parameters": trainer.model.num_params()}
+    report(artifact, {"counts": counts, "metrics": metrics, "deepspeed": ds})
 
 
 def _save(
@@ -170,10 +155,9 @@ def _resume(trainer, artifact: Artifact, record: dict, staging: str, local_rank:
     trainer.ema.load_state_dict(load(artifact.read_bytes(f"{folder}/ema.safetensors")))
     state = json.loads(artifact.read_bytes(f"{folder}/state.json"))
     if state["world_size"] != int(os.environ.get("WORLD_SIZE", "1")):
-        print(
+        say(
             f"warning: resuming a {state['world_size']}-process run on a different number of processes: "
-            "training continues, but the data order differs from an uninterrupted run",
-            flush=True,
+            "training continues, but the data order differs from an uninterrupted run"
         )
     return state["history"]
 
@@ -203,8 +187,6 @@ def _finish(artifact: Artifact, trainer, history: list[dict], metrics: dict, ds:
             "parameters": trainer.model.num_params(),
         },
     )
-
-
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Worker of the `token_dataset` step: one encoding rank (every processes-th image shard).
 
 Each image shard becomes one Parquet file and one WebDataset tar of the same rows, recorded as a
-part, so a killed export resumes. Started as `python -m pipelines.workers.export`.
+part, so a killed export resumes. Once every rank is done, rank 0 reports the export's counts (rows,
+images, tokens, bytes per token: `token_export.summarise` over the parts, what the parent commits)
+through Dagster Pipes when launched by it. Started as `python -m pipelines.workers.export`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from pipelines.manifests import ShardsManifest, read
 from pipelines.profiles import TokenExportConfig
 from pipelines.shard_reader import image_dataset
 from pipelines.store import Artifact, Store
-from pipelines.token_export import ASSET, VIEWS, encode, parquet_schema, tasks, views
-from pipelines.workers import worker_main
+from pipelines.token_export import ASSET, VIEWS, encode, parquet_schema, summarise, tasks, views
+from pipelines.workers import join_ranks, report, say, worker_main
 
 
 def run(store: Store, key: str, progress: bool) -> None:
@@ -41,8 +43,8 @@ def run(store: Store, key: str, progress: bool) -> None:
     tokenizer = load_tokenizer(store.artifact("tokenizer", spec["tokenizer"]), device)
     shards = {s: store.artifact("image_shards", k) for s, k in spec["shards"].items()}
     manifests = {s: read(a, "image_shards") for s, a in shards.items()}
-    done = artifact.parts()
-    mine = [t for t in tasks({s: m.shards for s, m in manifests.items()})[rank::world] if t[0] not in done]
+    done, todo = artifact.parts(), tasks({s: m.shards for s, m in manifests.items()})
+    mine = [t for t in todo[rank::world] if t[0] not in done]
     total = sum(_shard_images(manifests[s], rel) for _, s, rel in mine)
     bar = ctx.progress(total, unit="img", enabled=progress)
     for name, split, rel in mine:
@@ -52,8 +54,15 @@ def run(store: Store, key: str, progress: bool) -> None:
             artifact, name, shards[split], manifests[split], rel, tokenizer, device, cfg, augment, on_images=bar.update
         )
         rate = part["images"] / (time.perf_counter() - t0)
-        print(f"rank {rank}: {name}: {part['images']} images -> {part['rows']} rows ({rate:.0f} img/s)", flush=True)
+        say(f"rank {rank}: {name}: {part['images']} images -> {part['rows']} rows ({rate:.0f} img/s)")
     bar.close()
+    join_ranks(world)
+    if rank == 0:
+        parts = artifact.parts()
+        if all(name in parts for name, _, _ in todo):  # else the parent names what is missing
+            _, _, counts = summarise(parts, todo, spec["codes"])
+            say(f"{counts['rows']['train']} train / {counts['rows']['val']} val rows, {counts['tokens']} tokens")
+            report(artifact, {"counts": counts})
 
 
 def _shard_images(manifest: ShardsManifest, rel: str) -> int:
@@ -189,8 +198,6 @@ def _write_wds(rows: dict, group: int, name: str, tmp: str, artifact: Artifact, 
             )
             sizes.append(len(rows["key"][sl]))
     return artifact.put_file(local, rel).__dict__, sizes
-
-
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Worker of the `samples` step: one sampling rank (every processes-th shard task).
 
 Each task (guidance, class, chunk) becomes one WebDataset tar of lossless PNGs, recorded as a part,
-so a killed run continues without duplicates. Started as `python -m pipelines.workers.sampling`.
+so a killed run continues without duplicates. Once every rank is done, rank 0 reports the run's
+counts (`sampling.tally` over the parts, what the parent commits) and sampler settings through Dagster
+Pipes when launched by it. Started as `python -m pipelines.workers.sampling`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from modeling.sampler import SamplerConfig
 from pipelines.images import encode_png, to_pil
 from pipelines.launch import worker_context
 from pipelines.loaders import load_ar, load_tokenizer
-from pipelines.sampling import ASSET, tasks, to_uint8
-from pipelines.store import Store
-from pipelines.workers import worker_main
+from pipelines.sampling import ASSET, tally, tasks, to_uint8
+from pipelines.store import Artifact, Store
+from pipelines.workers import join_ranks, report, say, worker_main
 
 
 def run(store: Store, key: str, progress: bool) -> None:
@@ -34,12 +36,8 @@ def run(store: Store, key: str, progress: bool) -> None:
     samplers = {g: from_dict(SamplerConfig, c) for g, c in spec["samplers"].items()}  # the tuned settings
     model = load_ar(store.artifact("ar_model", spec["inputs"]["ar_model"]), device)
     tokenizer = load_tokenizer(store.artifact("tokenizer", spec["inputs"]["tokenizer"]), device)
-    done = artifact.parts()
-    mine = [
-        t
-        for t in tasks(spec["num_classes"], spec["samples_per_class"], spec["shard_size"])[rank::world]
-        if t[0] not in done
-    ]
+    done, todo = artifact.parts(), tasks(spec["num_classes"], spec["samples_per_class"], spec["shard_size"])
+    mine = [t for t in todo[rank::world] if t[0] not in done]
     bar = ctx.progress(sum(t[4] - t[3] for t in mine), unit="img", enabled=progress)
     for name, g, c, first, end in mine:
         t0, cfg = time.perf_counter(), samplers[g]
@@ -74,11 +72,20 @@ def run(store: Store, key: str, progress: bool) -> None:
                     bar.update(len(idx))
             record = artifact.put_file(local, rel)
         artifact.record_part(name, {"files": {rel: record.__dict__}, "samples": len(seeds), "seeds": seeds})
-        if rank == 0:
-            print(f"{name}: {len(seeds)} samples ({len(seeds) / (time.perf_counter() - t0):.1f} img/s)", flush=True)
+        ctx.say(f"{name}: {len(seeds)} samples ({len(seeds) / (time.perf_counter() - t0):.1f} img/s)")
     bar.close()
+    join_ranks(world)
+    if rank == 0:
+        _report(artifact, spec, todo)
 
 
+def _report(artifact: Artifact, spec: dict, todo: list[tuple]) -> None:
+    """Rank 0, every rank done: the run's counts and sampler settings, as the parent will commit them."""
+    parts = artifact.parts()
+    if all(t[0] in parts for t in todo):  # else the parent names what is missing
+        _, _, counts = tally(parts, todo, spec["classes"])
+        say(f"{counts['samples']['cfg']} samples with guidance, {counts['samples']['nocfg']} without")
+        report(artifact, {"counts": counts, "samplers": spec["samplers"]})
 
 
 if __name__ == "__main__":

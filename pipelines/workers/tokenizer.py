@@ -1,8 +1,9 @@
 """Worker of the `tokenizer` step: one rank of data-parallel tokenizer training (torchrun contract).
 
 Resumes from the newest checkpoint in the store, trains, checkpoints every N steps; rank 0 then
-evaluates the EMA weights on val, writes the outputs and records the `final` part that the parent
-step (`pipelines.train_tokenizer`) commits. Started as `python -m pipelines.workers.tokenizer`.
+evaluates the EMA weights on val, writes the outputs, records the `final` part that the parent
+step (`pipelines.train_tokenizer`) commits and reports its steps and metrics (through Dagster Pipes
+when launched by it). Started as `python -m pipelines.workers.tokenizer`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pipelines.images import grid_png, loss_curves_png
 from pipelines.launch import ranks_in_sync, worker_context
 from pipelines.shard_reader import image_loader
 from pipelines.store import Artifact, Store
-from pipelines.workers import worker_main
+from pipelines.workers import report, say, worker_main
 
 ASSET = "tokenizer"
 CURVES = ("l1", "l2", "vq", "ce_prologue", "ce_visual", "prior_ce_prologue", "prior_ce_visual", "gan_g", "gan_d")
@@ -122,7 +123,7 @@ def _checkpoint(ctx, trainer, artifact: Artifact, history: list, here: tuple[int
 
 
 def _finish(artifact: Artifact, trainer, val: Artifact, cfg, history: list[dict], evaluate, extra: dict) -> None:
-    """Rank 0: evaluate the EMA tokenizer on val, write the outputs, record the `final` part."""
+    """Rank 0: evaluate the EMA tokenizer on val, write the outputs, record the `final` part, report it."""
     ema = trainer.ema.module
     val_batches = (images for images, _ in image_loader(val, 250, num_workers=0, rank=0, world_size=1))
     metrics, grid = evaluate(ema, val_batches, max_images=cfg.eval_images)
@@ -141,11 +142,11 @@ def _finish(artifact: Artifact, trainer, val: Artifact, cfg, history: list[dict]
     artifact.record_part(
         "final", {"files": files, "metrics": metrics, "steps": trainer.step, "checkpoints": checkpoints}
     )
-    print(
+    say(
         f"val PSNR {metrics['psnr_db']:.2f} dB on {metrics['images']} images; visual codes used "
-        f"{metrics['visual_codes']['fraction_used']:.1%}",
-        flush=True,
+        f"{metrics['visual_codes']['fraction_used']:.1%}"
     )
+    report(artifact, {"counts": {"steps": trainer.step}, "metrics": metrics})
 
 
 if __name__ == "__main__":
