@@ -197,6 +197,21 @@ def pytest_collection_modifyitems(items):
     items[:] = first + rest + last
 
 
+def assert_same_ar_weights(resumed_store: Path, uninterrupted_store: Path, what: str) -> None:
+    """The one AR model in `resumed_store` has, bit for bit, the final and EMA weights of the model with
+    the same key (the same config) in `uninterrupted_store`."""
+    import torch
+    from safetensors.torch import load
+
+    [b] = (resumed_store / "ar_model").iterdir()
+    a = uninterrupted_store / "ar_model" / b.name
+    for name in ("ar.safetensors", "ar_ema.safetensors"):
+        wa, wb = load((a / "model" / name).read_bytes()), load((b / "model" / name).read_bytes())
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{name}:{k} differs after {what}"
+
+
 def copy_store(src: Path, dest: Store, assets: tuple[str, ...] | None = None) -> Store:
     """Copy the artefacts of `assets` (default: all) from a local store folder into `dest` (local or S3)."""
     for path in sorted(src.rglob("*")):

@@ -11,14 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load
 
 from pipelines.loaders import load_ar
 from pipelines.profiles import load_profile
 from pipelines.store import Store
 from pipelines.train_ar import train_ar
-from tests.conftest import UPSTREAM_OF_AR, copy_store, tiny_plan
+from tests.conftest import UPSTREAM_OF_AR, assert_same_ar_weights, copy_store, tiny_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,13 +107,7 @@ def test_kill_and_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_graph)
     assert resumed.returncode == 0, out[-3000:]
     assert "resumed from checkpoints/step-00000" in out
 
-    [b] = (tmp_path / "b" / "ar_model").iterdir()
-    a = tiny_graph.root / "ar_model" / b.name  # the same config: the same key
-    for name in ("ar.safetensors", "ar_ema.safetensors"):
-        wa, wb = load((a / "model" / name).read_bytes()), load((b / "model" / name).read_bytes())
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            assert torch.equal(wa[k], wb[k]), f"{name}:{k} differs after kill + resume"
+    assert_same_ar_weights(tmp_path / "b", tiny_graph.root, "kill + resume")
 
 
 def test_asset_streams_metrics_through_dagster_pipes(tmp_path, tiny_graph):

@@ -6,14 +6,12 @@ import threading
 import time
 
 import psutil
-import torch
 from dagster import DagsterEventType, DagsterInstance, materialize
-from safetensors.torch import load
 
 from assets.ar import ar_model
 from assets.data import WORKER_RETRIES
 from pipelines.store import Store
-from tests.conftest import UPSTREAM_OF_AR, copy_store, tiny_resources
+from tests.conftest import UPSTREAM_OF_AR, assert_same_ar_weights, copy_store, tiny_resources
 
 
 def _kill_worker_after_checkpoint(store_root, part: str, killed: list[int]) -> None:
@@ -49,10 +47,4 @@ def test_a_killed_ar_worker_is_retried_by_dagster_and_reaches_the_uninterrupted_
         assert any("worker failed" in m and f"of {WORKER_RETRIES}" in m for m in logs)
         assert any("resumed from checkpoints/step-0000020" in m for m in logs), "the retry did not resume"
 
-    [b] = (tmp_path / "ar_model").iterdir()
-    a = tiny_graph.root / "ar_model" / b.name  # the same config: the same key
-    for name in ("ar.safetensors", "ar_ema.safetensors"):
-        wa, wb = load((a / "model" / name).read_bytes()), load((b / "model" / name).read_bytes())
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            assert torch.equal(wa[k], wb[k]), f"{name}:{k} differs after a kill and a Dagster retry"
+    assert_same_ar_weights(tmp_path, tiny_graph.root, "a kill and a Dagster retry")
