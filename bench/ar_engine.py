@@ -42,12 +42,13 @@ def batches(n: int, batch: int, device: torch.device, seed: int = 0) -> list[tup
 
 
 class PlainLoop:
-    """The same model, optimiser, schedule and clipping, without DeepSpeed."""
+    """The same model, optimiser, schedule and clipping, without DeepSpeed (or another model that
+    takes (labels, prologue, visual) and returns {"loss": ...}: bench/ar_reference.py)."""
 
-    def __init__(self, cfg: ARTrainConfig, device: torch.device):
+    def __init__(self, cfg: ARTrainConfig, device: torch.device, model: torch.nn.Module | None = None):
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
-        self.model = ARModel(model_config(cfg, CODES, 10)).to(device)
+        self.model = (model if model is not None else ARModel(model_config(cfg, CODES, 10))).to(device)
         self.opt = torch.optim.AdamW(
             decay_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
         )

@@ -53,7 +53,10 @@ def write_dataset(store: Store, rows: int):
                 files[rel], units = write(*args)
                 layout[fmt]["train"].append({"file": rel, "rows": n, "units": units})
     codes = {"z_len": Z, "num_visual": N, "visual_codebook": V, "prologue_codebook": P}
-    art.commit(files, layout=layout, codes=codes, counts={"rows": {"train": rows, "val": 0}})
+    # a complete manifest of the typed shape the reader parses (what the export writes, minus its lineage)
+    art.commit(files, layout=layout, codes=codes, counts={"rows": {"train": rows, "val": 0}}, config={},
+               lineage={}, code_version="bench", profile="bench", views=["original", "flip"],
+               classes=[str(c) for c in range(10)], sanity={})
     return art, {fmt: sum(f["size"] for rel, f in files.items() if rel.startswith(fmt)) for fmt in layout}
 
 
