@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.ar_engine import PlainLoop
+from bench.ar_engine import PlainLoop, timed
 from bench.common import machine, report
 from bench.reference_ar import from_ours, non_embedding_params, workload
 from modeling.ar_model import ARModel
@@ -43,15 +42,6 @@ def batches(cfg, n: int, batch: int, device: torch.device, seed: int = 0) -> lis
         visual = torch.randint(0, cfg.visual_codebook, (batch, cfg.num_visual), generator=g)
         out.append(tuple(t.to(device) for t in (labels, prologue, visual)))
     return out
-
-
-def timed(loop: PlainLoop, data, sync) -> float:
-    sync()
-    t0 = time.perf_counter()
-    for b in data:
-        loop.train_step([b])
-    sync()
-    return time.perf_counter() - t0
 
 
 def measure(batch: int = 64, steps: int = 2, rounds: int = 3) -> dict:
