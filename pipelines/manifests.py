@@ -33,6 +33,9 @@ class Manifest:
     config: dict[str, Any]
     lineage: dict[str, Any]
     code_version: str
+    # wall and CPU seconds (this process and its workers) of the attempt that committed it; absent in
+    # manifests written before it was recorded. A resumed step counts only its last attempt.
+    timing: dict[str, float] | None = dataclasses.field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ class ResultsManifest(Manifest):
     rows: list[dict[str, Any]]
     over_training_seeds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """Per group of variants that differ only by training seed: each figure's mean and std over them."""
+    step_times: dict[str, Any] | None = None
+    """Wall and CPU seconds per variant and step, of the shared steps, and in all (results.step_times)."""
 
 
 MANIFESTS: dict[str, type[Manifest]] = {

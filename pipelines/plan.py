@@ -46,7 +46,7 @@ CODE_VERSIONS = {
     "generation_metrics": "2",  # 2: fd_domain, class consistency, the AR-only distance
     "linear_probe": "2",
     "mechanism_metrics": "1",  # 2: one-hot views beside the codebook vectors; first z visual tokens per variant
-    "results_table": "3",  # 3: the summary over training seeds (2 was recorded in manifests keyed with "1")
+    "results_table": "4",  # 4: the step times; 3: the summary over training seeds
 }
 
 
@@ -143,6 +143,7 @@ def cached_or_run(target: Target, work: Callable[[], dict[str, Any]], on_log: Ca
     if manifest is not None:
         on_log(f"{target.label} already materialised at {target.artifact.uri}")
         return StepResult(target.artifact, parse(manifest), True, time.perf_counter() - start)
+    target.artifact.begin()
     manifest = work()
     return StepResult(target.artifact, parse(manifest), False, time.perf_counter() - start)
 

@@ -271,10 +271,69 @@ def results_table(plan: Plan, partition: None = None, *, on_log=log.info, progre
     return cached_or_run(target, lambda: _write(plan, target, rows), on_log)
 
 
+# The steps of one variant whose time the table reports, in graph order.
+VARIANT_STEPS = ("tokenizer", "token_dataset", "ar_model", "sampling_tuning", "samples",
+                 "reconstruction_metrics", "generation_metrics", "linear_probe", "mechanism_metrics")  # fmt: skip
+
+
+def step_times(plan: Plan) -> dict[str, Any]:
+    """Wall and CPU seconds of every artefact the table reads, from their manifests' `timing`, and
+    their totals over distinct artefacts (a step shared by several variants counts once)."""
+    distinct: dict[str, dict[str, float] | None] = {}
+
+    def timing(targets: list[Target]) -> dict[str, float] | None:
+        found = [t.artifact.manifest().get("timing") for t in targets]
+        distinct.update((t.artifact.path, f) for t, f in zip(targets, found, strict=True))
+        if None in found:
+            return None  # written before timing was recorded
+        return {k: round(sum(f[k] for f in found), 1) for k in ("wall_s", "cpu_s")}
+
+    variants = {}
+    for v in plan.profile.variants:
+        targets = {
+            "tokenizer": [plan.tokenizer(v)], "token_dataset": [plan.tokens(v)], "ar_model": [plan.ar(v)],
+            "sampling_tuning": [plan.tuning(v)], "samples": plan.samples(v),
+            "reconstruction_metrics": [plan.reconstruction(v)], "generation_metrics": [plan.generation(v)],
+            "linear_probe": [plan.probe(v)], "mechanism_metrics": [plan.mechanism(v)],
+        }  # fmt: skip
+        variants[v] = {step: timing(targets[step]) for step in VARIANT_STEPS}
+    shared = {f"image_shards[{s}]": timing([plan.shards(s)]) for s in ("train", "val")}
+    shared["domain_classifier"] = timing([plan.domain()])
+    shared |= {f"reference_stats[{e}]": timing([t]) for e, t in plan.references().items()}
+    recorded = [t for t in distinct.values() if t is not None]
+    total = {k: round(sum(t[k] for t in recorded), 1) for k in ("wall_s", "cpu_s")}
+    return {"variants": variants, "shared": shared, "total": total, "artefacts": len(distinct),
+            "untimed_artefacts": len(distinct) - len(recorded)}  # fmt: skip
+
+
+def step_times_markdown(times: dict[str, Any]) -> str:
+    """The wall minutes per step and variant, the shared steps, and the total."""
+
+    def cell(t: dict[str, float] | None) -> str:
+        return "—" if t is None else f"{t['wall_s'] / 60:.1f}"
+
+    lines = ["\n**Wall time per step** (minutes, of the attempt that wrote each artefact):\n"]
+    lines += _table(["variant", *VARIANT_STEPS], [[v, *(cell(steps[s]) for s in VARIANT_STEPS)]
+                                                 for v, steps in times["variants"].items()])  # fmt: skip
+    shared = ", ".join(f"{name} {cell(t)}" for name, t in times["shared"].items())
+    untimed = times["untimed_artefacts"]
+    lines.append(
+        f"\nShared steps: {shared}. In all {times['total']['wall_s'] / 60:.0f} min of wall time and "
+        f"{times['total']['cpu_s'] / 60:.0f} CPU-minutes (the step's process and its workers) over the "
+        f"{times['artefacts'] - untimed} of {times['artefacts']} distinct artefacts with a recorded time"
+        + (f" (— : {untimed} written before step times were recorded)" if untimed else "")
+        + "; a step resumed after an interruption counts its last attempt only, a step shared by "
+        "variants once.\n"
+    )
+    return "\n".join(lines)
+
+
 def _write(plan: Plan, target: Target, rows: list[dict[str, Any]]) -> dict:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buf)
-    artifact, md = target.artifact, markdown(rows, plan.profile.evaluation.evaluator)
+    times = step_times(plan)
+    artifact = target.artifact
+    md = markdown(rows, plan.profile.evaluation.evaluator) + step_times_markdown(times)
     files = {
         "results.parquet": artifact.put_bytes("results.parquet", buf.getvalue()).__dict__,
         "results.md": artifact.put_bytes("results.md", md.encode()).__dict__,
@@ -288,6 +347,7 @@ def _write(plan: Plan, target: Target, rows: list[dict[str, Any]]) -> dict:
         code_version=CODE_VERSIONS[ASSET],
         rows=rows,
         over_training_seeds=over_training_seeds(rows, plan.profile.evaluation.evaluator),
+        step_times=times,
         profile=plan.label,
     )
 

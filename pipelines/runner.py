@@ -79,6 +79,9 @@ def run_missing(
         state = "in the store" if materialised(plan, a, p) else "missing: running it"
         on_log(f"==> [{i}/{len(todo)}] {label} ({state})")
         result = registry[a](plan, p, on_log=on_log, progress=progress)
+        if "missing" in state:
+            seconds = sum(r.seconds for r in (result if isinstance(result, list) else [result]))
+            on_log(f"<== {label} done in {seconds:.0f}s")
         if a == asset:
             out[p] = result
     return out

@@ -17,6 +17,8 @@ import datetime as dt
 import hashlib
 import json
 import os
+import resource
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,6 +67,12 @@ def default_storage_options(url: str) -> dict[str, Any]:
     if endpoint:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
     return opts
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished subprocesses (the workers, once waited for)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,11 @@ class Artifact:
     def __init__(self, store: Store, asset: str, key: str):
         self.store, self.asset, self.key = store, asset, key
         self.path = f"{store.root}/{asset}/{key}"
+        self._began: tuple[float, float] | None = None  # (wall, CPU) clocks when the step began writing
+
+    def begin(self) -> None:
+        """Start the clocks whose readings `commit` records as the manifest's `timing`."""
+        self._began = (time.perf_counter(), cpu_seconds())
 
     @property
     def fs(self):
@@ -254,6 +267,10 @@ class Artifact:
             },
             **fields,
         }
+        if self._began is not None:
+            wall, cpu = self._began
+            manifest["timing"] = {"wall_s": round(time.perf_counter() - wall, 1),
+                                  "cpu_s": round(cpu_seconds() - cpu, 1)}  # fmt: skip
         self._write_atomic(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         return manifest
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from dataclasses import replace
@@ -115,6 +116,11 @@ def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
     assert table[0]["ar_visual_ce_true"] is None and table[1]["ar_visual_ce_true"] > 0
     md = (art / "results.md").read_text()
     assert "not FID" in md and "| prologue |" in md
+    # every step of the tiny store was written by this code: each has its wall and CPU time
+    times = json.loads((art / "_manifest.json").read_text())["step_times"]
+    assert times["untimed_artefacts"] == 0 and times["total"]["cpu_s"] >= times["variants"]["prologue"]["tokenizer"]["cpu_s"] > 1
+    assert all(t is not None for steps in times["variants"].values() for t in steps.values())
+    assert "**Wall time per step**" in md and f"{times['artefacts']} of {times['artefacts']} distinct artefacts" in md
     assert f"(first {table[0]['probe_tokens']} visual)" in md and f"({table[1]['probe_tokens']} prologue)" in md
 
 

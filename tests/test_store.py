@@ -1,6 +1,8 @@
 """Object store semantics, run against a local folder and the S3 server alike."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -33,6 +35,16 @@ def test_commit_writes_manifest_last(store: Store, tmp_path):
     assert again["counts"] == {"n": 1} and again["lineage"] == {"up": "k0"}
     assert art.verify(checksums=True) == []
     assert art.read_bytes("data/blob.bin") == b"x" * 1000
+
+
+def test_commit_records_the_wall_and_cpu_time_of_the_step_and_its_workers(store: Store):
+    art = store.artifact("thing", "timed")
+    art.begin()
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    subprocess.run([sys.executable, "-c", busy], check=True)  # a worker's CPU time counts once it exits
+    timing = art.commit({})["timing"]
+    assert timing["cpu_s"] >= 0.6 and timing["wall_s"] >= 0.6
+    assert "timing" not in store.artifact("thing", "untimed").commit({})  # no step began it: nothing measured
 
 
 def test_verify_detects_truncated_and_missing_files(store: Store, tmp_path):
