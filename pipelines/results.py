@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipelines.figures import budget_png, side_by_side
 from pipelines.manifests import read
-from pipelines.plan import CODE_VERSIONS, Plan, Target, cached_or_run
+from pipelines.plan import CODE_VERSIONS, MissingInput, Plan, Target, cached_or_run
 from pipelines.store import StepResult
 from pipelines.variants import group_rows
 
@@ -276,9 +276,10 @@ VARIANT_STEPS = ("tokenizer", "token_dataset", "ar_model", "sampling_tuning", "s
                  "reconstruction_metrics", "generation_metrics", "linear_probe", "mechanism_metrics")  # fmt: skip
 
 
-def step_times(plan: Plan) -> dict[str, Any]:
-    """Wall and CPU seconds of every artefact the table reads, from their manifests' `timing`, and
-    their totals over distinct artefacts (a step shared by several variants counts once)."""
+def step_times(plan: Plan, variants: list[str] | None = None) -> dict[str, Any]:
+    """Wall and CPU seconds of every artefact the table of `variants` (default: the profile's) reads,
+    from their manifests' `timing`, and their totals over distinct artefacts (a step shared by several
+    variants counts once)."""
     distinct: dict[str, dict[str, float] | None] = {}
 
     def timing(targets: list[Target]) -> dict[str, float] | None:
@@ -288,22 +289,42 @@ def step_times(plan: Plan) -> dict[str, Any]:
             return None  # written before timing was recorded
         return {k: round(sum(f[k] for f in found), 1) for k in ("wall_s", "cpu_s")}
 
-    variants = {}
-    for v in plan.profile.variants:
+    per_variant = {}
+    for v in plan.profile.variants if variants is None else variants:
         targets = {
             "tokenizer": [plan.tokenizer(v)], "token_dataset": [plan.tokens(v)], "ar_model": [plan.ar(v)],
             "sampling_tuning": [plan.tuning(v)], "samples": plan.samples(v),
             "reconstruction_metrics": [plan.reconstruction(v)], "generation_metrics": [plan.generation(v)],
             "linear_probe": [plan.probe(v)], "mechanism_metrics": [plan.mechanism(v)],
         }  # fmt: skip
-        variants[v] = {step: timing(targets[step]) for step in VARIANT_STEPS}
+        per_variant[v] = {step: timing(targets[step]) for step in VARIANT_STEPS}
     shared = {f"image_shards[{s}]": timing([plan.shards(s)]) for s in ("train", "val")}
     shared["domain_classifier"] = timing([plan.domain()])
     shared |= {f"reference_stats[{e}]": timing([t]) for e, t in plan.references().items()}
     recorded = [t for t in distinct.values() if t is not None]
     total = {k: round(sum(t[k] for t in recorded), 1) for k in ("wall_s", "cpu_s")}
-    return {"variants": variants, "shared": shared, "total": total, "artefacts": len(distinct),
+    return {"variants": per_variant, "shared": shared, "total": total, "artefacts": len(distinct),
             "untimed_artefacts": len(distinct) - len(recorded)}  # fmt: skip
+
+
+def so_far(plan: Plan) -> str:
+    """The tables of the variants whose every input is in the store, for a profile run under way:
+    printed by `--so-far`, never stored (the stored table needs every variant)."""
+    rows, pending = [], []
+    for v in plan.profile.variants:
+        try:
+            rows.append(_row(plan, v))
+        except MissingInput:
+            pending.append(v)
+    if not rows:
+        return f"{plan.label}: no variant has all its artefacts yet (pending: {', '.join(pending)})."
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [{k: r.get(k) for k in columns} for r in rows]
+    head = (f"So far ({plan.label}, printed from the store, not a stored table): {len(rows)} of "
+            f"{len(plan.profile.variants)} variants finished" + (f"; pending: {', '.join(pending)}" if pending else "")
+            + ".\n\n")  # fmt: skip
+    times = step_times(plan, [r["variant"] for r in rows])
+    return head + markdown(rows, plan.profile.evaluation.evaluator) + step_times_markdown(times)
 
 
 def step_times_markdown(times: dict[str, Any]) -> str:
@@ -382,7 +403,7 @@ def _figures(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, bytes]:
 def main(argv: list[str] | None = None) -> int:
     from pipelines.runner import step_main
 
-    return step_main(__doc__, argv, ASSET, partitioned=False, summary=lambda m: f"{len(m.rows)} rows")
+    return step_main(__doc__, argv, ASSET, partitioned=False, summary=lambda m: f"{len(m.rows)} rows", so_far=so_far)
 
 
 if __name__ == "__main__":

@@ -94,8 +94,10 @@ def step_main(
     *,
     partitioned: bool = True,
     summary: Callable[[Any], str] = lambda m: "",
+    so_far: Callable[[Plan], str] | None = None,
 ) -> int:
-    """The command line of one step: the step for the chosen partitions, and its missing upstream."""
+    """The command line of one step: the step for the chosen partitions, and its missing upstream;
+    with `so_far`, `--so-far` prints what the finished inputs show and computes nothing."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
     if partitioned:
@@ -105,10 +107,16 @@ def step_main(
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a profile field, e.g. --set data.workers=4")
     parser.add_argument("--no-progress", action="store_true")
+    if so_far is not None:
+        parser.add_argument("--so-far", action="store_true",
+                            help="print what the inputs in the store show so far; compute and write nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     profile = load_profile(args.profile, args.overrides)
     plan = Plan.from_listing(profile, Store(args.store))
+    if so_far is not None and args.so_far:
+        print(so_far(plan))
+        return 0
     chosen = getattr(args, "partitions", None) or plan.partitions(asset)
     results = run_missing(plan, asset, chosen, progress=not args.no_progress)
     for p, result in results.items():

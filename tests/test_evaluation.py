@@ -124,6 +124,21 @@ def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
     assert f"(first {table[0]['probe_tokens']} visual)" in md and f"({table[1]['probe_tokens']} prologue)" in md
 
 
+def test_so_far_prints_the_finished_variants_and_writes_nothing(full_run, capsys):
+    from pipelines.results import main
+
+    root = full_run[0]
+    before = _mtimes(root, ("results_table", "tokenizer", "ar_model", "samples"))
+    # prologue_s1 has nothing in the store: pending, and not trained by --so-far
+    assert main(["--profile", "tiny", "--store", str(root), "--set", "variants=baseline,prologue,prologue_s1",
+                 "--so-far", "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "2 of 3 variants finished; pending: prologue_s1." in out
+    assert "| baseline |" in out and "| prologue |" in out and "| prologue_s1 |" not in out
+    assert "**Wall time per step**" in out and "Over training seeds" not in out  # one seed per arm so far
+    assert _mtimes(root, ("results_table", "tokenizer", "ar_model", "samples")) == before  # no file added
+
+
 def test_the_readme_block_holds_the_tables_and_links_the_copied_figures(full_run, tmp_path):
     from pipelines.results import readme_block
 
