@@ -307,9 +307,10 @@ def step_times(plan: Plan, variants: list[str] | None = None) -> dict[str, Any]:
             "untimed_artefacts": len(distinct) - len(recorded)}  # fmt: skip
 
 
-def so_far(plan: Plan) -> str:
+def so_far(plan: Plan, figures: Path | None = None) -> str:
     """The tables of the variants whose every input is in the store, for a profile run under way:
-    printed by `--so-far`, never stored (the stored table needs every variant)."""
+    printed by `--so-far`, never stored (the stored table needs every variant); with `figures`, the
+    table's figures of those variants are written there and linked (by that path)."""
     rows, pending = [], []
     for v in plan.profile.variants:
         try:
@@ -324,7 +325,13 @@ def so_far(plan: Plan) -> str:
             f"{len(plan.profile.variants)} variants finished" + (f"; pending: {', '.join(pending)}" if pending else "")
             + ".\n\n")  # fmt: skip
     times = step_times(plan, [r["variant"] for r in rows])
-    return head + markdown(rows, plan.profile.evaluation.evaluator) + step_times_markdown(times)
+    text = head + markdown(rows, plan.profile.evaluation.evaluator) + step_times_markdown(times)
+    if figures is not None:
+        figures.mkdir(parents=True, exist_ok=True)
+        for name, png in _figures(plan, rows).items():
+            (figures / name).write_bytes(png)
+            text += f"\n![{FIGURES[name]}]({(figures / name).as_posix()})\n"
+    return text
 
 
 def step_times_markdown(times: dict[str, Any]) -> str:
@@ -385,7 +392,7 @@ FIGURES = {
 def _figures(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, bytes]:
     """FIGURES, from the sample sets' grids and the rows (budgets.png only where a budget varies)."""
     grids, resample = {}, None
-    for v in plan.profile.variants:
+    for v in (r["variant"] for r in rows):
         art = plan.samples(v)[0].artifact
         grids[v] = {"no CFG": art.read_bytes("grid_nocfg.png"), "CFG": art.read_bytes("grid_cfg.png")}
         if resample is None and plan.profile.tokenizer_for(v).z_len:

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipelines.plan import Plan
@@ -94,10 +95,11 @@ def step_main(
     *,
     partitioned: bool = True,
     summary: Callable[[Any], str] = lambda m: "",
-    so_far: Callable[[Plan], str] | None = None,
+    so_far: Callable[[Plan, Path | None], str] | None = None,
 ) -> int:
     """The command line of one step: the step for the chosen partitions, and its missing upstream;
-    with `so_far`, `--so-far` prints what the finished inputs show and computes nothing."""
+    with `so_far`, `--so-far [FIGURES_DIR]` prints what the finished inputs show (and writes its
+    figures to FIGURES_DIR) and computes nothing."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
     if partitioned:
@@ -108,14 +110,15 @@ def step_main(
                         help="override a profile field, e.g. --set data.workers=4")
     parser.add_argument("--no-progress", action="store_true")
     if so_far is not None:
-        parser.add_argument("--so-far", action="store_true",
-                            help="print what the inputs in the store show so far; compute and write nothing")
+        parser.add_argument("--so-far", nargs="?", const="", default=None, metavar="FIGURES_DIR",
+                            help="print what the inputs in the store show so far (and write its figures to "
+                            "FIGURES_DIR); compute nothing, write nothing to the store")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     profile = load_profile(args.profile, args.overrides)
     plan = Plan.from_listing(profile, Store(args.store))
-    if so_far is not None and args.so_far:
-        print(so_far(plan))
+    if so_far is not None and args.so_far is not None:
+        print(so_far(plan, Path(args.so_far) if args.so_far else None))
         return 0
     chosen = getattr(args, "partitions", None) or plan.partitions(asset)
     results = run_missing(plan, asset, chosen, progress=not args.no_progress)

@@ -118,24 +118,32 @@ def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
     assert "not FID" in md and "| prologue |" in md
     # every step of the tiny store was written by this code: each has its wall and CPU time
     times = json.loads((art / "_manifest.json").read_text())["step_times"]
-    assert times["untimed_artefacts"] == 0 and times["total"]["cpu_s"] >= times["variants"]["prologue"]["tokenizer"]["cpu_s"] > 1
+    assert times["untimed_artefacts"] == 0
+    assert times["total"]["cpu_s"] >= times["variants"]["prologue"]["tokenizer"]["cpu_s"] > 1
     assert all(t is not None for steps in times["variants"].values() for t in steps.values())
     assert "**Wall time per step**" in md and f"{times['artefacts']} of {times['artefacts']} distinct artefacts" in md
     assert f"(first {table[0]['probe_tokens']} visual)" in md and f"({table[1]['probe_tokens']} prologue)" in md
 
 
-def test_so_far_prints_the_finished_variants_and_writes_nothing(full_run, capsys):
+def test_so_far_prints_the_finished_variants_and_writes_nothing_to_the_store(full_run, capsys, tmp_path):
     from pipelines.results import main
 
     root = full_run[0]
     before = _mtimes(root, ("results_table", "tokenizer", "ar_model", "samples"))
     # prologue_s1 has nothing in the store: pending, and not trained by --so-far
-    assert main(["--profile", "tiny", "--store", str(root), "--set", "variants=baseline,prologue,prologue_s1",
-                 "--so-far", "--no-progress"]) == 0  # fmt: skip
+    argv = ["--profile", "tiny", "--store", str(root), "--set", "variants=baseline,prologue,prologue_s1"]
+    assert main([*argv, "--so-far"]) == 0
     out = capsys.readouterr().out
     assert "2 of 3 variants finished; pending: prologue_s1." in out
     assert "| baseline |" in out and "| prologue |" in out and "| prologue_s1 |" not in out
     assert "**Wall time per step**" in out and "Over training seeds" not in out  # one seed per arm so far
+    assert "![" not in out
+    # with a folder: the finished variants' figures, written there and linked
+    assert main([*argv, "--so-far", str(tmp_path / "figs")]) == 0
+    out = capsys.readouterr().out
+    [table] = (root / "results_table").iterdir()
+    assert (tmp_path / "figs" / "samples.png").read_bytes() == (table / "samples.png").read_bytes()
+    assert f"]({(tmp_path / 'figs' / 'resample.png').as_posix()})" in out
     assert _mtimes(root, ("results_table", "tokenizer", "ar_model", "samples")) == before  # no file added
 
 
