@@ -1,0 +1,147 @@
+"""Does a rerun give the same numbers? One variant rerun into another store, compared with a reference.
+
+    python -m pipelines.reproduce --profile fashion32-full --variant prologue_post \\
+        --against /root/runs/store --store /tmp/rerun-store [--step generation_metrics ...] [--json OUT]
+
+runs every step that the chosen steps of the variant need (by default its four metric steps, so the
+whole chain from the shards) into `--store` — an empty store reruns everything, one that already holds
+artefacts reuses them — and then compares each artefact with the one of the same cache key in the
+`--against` store: every number in the two manifests' `metrics` and `counts`, and every file by
+sha256. Same key means same code version, config and inputs, so any difference is the machine's or
+the code's nondeterminism. It prints one line per artefact and exits 1 when a number differs.
+Files may differ where numbers do not (logs with throughput, plots); those are listed, not failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipelines.plan import Plan, Target
+from pipelines.profiles import load_profile
+from pipelines.runner import run_missing
+from pipelines.store import Store
+
+METRIC_STEPS = ("generation_metrics", "reconstruction_metrics", "linear_probe", "mechanism_metrics")
+COMPARED = ("metrics", "counts")  # the manifest fields that hold a step's numbers
+
+
+def numbers(tree: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every number in a nested manifest field, by dotted path (`metrics.cfg.fd_domain`)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from numbers(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from numbers(v, f"{prefix}[{i}]")
+    elif isinstance(tree, int | float) and not isinstance(tree, bool):
+        yield prefix, float(tree)
+
+
+def compare(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """Two manifests of one cache key: the numbers that differ (with |Δ|), the files that differ."""
+    a = dict(pair for field in COMPARED for pair in numbers(mine.get(field), field))
+    b = dict(pair for field in COMPARED for pair in numbers(theirs.get(field), field))
+    differ = {k: abs(a[k] - b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k] and not (math.isnan(a[k])
+              and math.isnan(b[k]))}  # fmt: skip
+    missing = sorted(set(a) ^ set(b))
+    files_a = {rel: f["sha256"] for rel, f in mine["files"].items()}
+    files_b = {rel: f["sha256"] for rel, f in theirs["files"].items()}
+    return {
+        "numbers": len(a),
+        "numbers_differ": differ,
+        "numbers_only_in_one": missing,
+        "files": len(files_a),
+        "files_differ": sorted(rel for rel in set(files_a) | set(files_b) if files_a.get(rel) != files_b.get(rel)),
+    }
+
+
+def targets_of(plan: Plan, variant: str, steps: tuple[str, ...]) -> list[Target]:
+    """Every artefact the variant's `steps` need, upstream first, each once."""
+    nodes: list[tuple[str, str | None]] = []
+    for step in steps:
+        nodes += [n for n in plan.order(step, variant) if n not in nodes]
+    return [t for asset, part in nodes for t in plan.targets(asset, part)]
+
+
+def reproduce(plan: Plan, reference: Store, variant: str, steps: tuple[str, ...] = METRIC_STEPS, *,
+              progress: bool = False, on_log=print) -> list[dict[str, Any]]:  # fmt: skip
+    """Run what `plan.store` lacks of the variant's `steps`, then compare each artefact with `reference`'s."""
+    for step in steps:
+        run_missing(plan, step, [variant], on_log=on_log, progress=progress)
+    report = []
+    for t in targets_of(plan, variant, steps):
+        theirs = reference.artifact(t.asset, t.key).manifest()
+        entry = {"artefact": t.label, "key": t.key}
+        if theirs is None:
+            entry["missing_in_reference"] = True
+        else:
+            entry |= compare(t.manifest(), theirs)
+        report.append(entry)
+    return report
+
+
+def summary_line(entry: dict[str, Any]) -> str:
+    if entry.get("missing_in_reference"):
+        return f"{entry['artefact']}: not in the reference store (key {entry['key']})"
+    differ, one_sided = entry["numbers_differ"], entry["numbers_only_in_one"]
+    if not differ and not one_sided:
+        numbers_text = f"{entry['numbers']} numbers identical"
+    else:
+        worst = max(differ.values(), default=0.0)
+        numbers_text = f"{len(differ)} of {entry['numbers']} numbers differ (max |Δ| {worst:.3g}: "
+        numbers_text += ", ".join(list(differ)[:3]) + ")"
+        numbers_text += f", {len(one_sided)} in one only" if one_sided else ""
+    files = entry["files_differ"]
+    files_text = f"{entry['files'] - len(files)} of {entry['files']} files identical" + (
+        f" (differ: {', '.join(files[:4])}{' …' if len(files) > 4 else ''})" if files else ""
+    )
+    return f"{entry['artefact']}: {numbers_text}; {files_text}"
+
+
+def same_numbers(report: list[dict[str, Any]]) -> bool:
+    return all(not e.get("missing_in_reference") and not e["numbers_differ"] and not e["numbers_only_in_one"]
+               for e in report)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--against", required=True, help="the reference store's URL")
+    parser.add_argument("--store", required=True, help="the store to rerun into (empty: rerun everything)")
+    steps = [*METRIC_STEPS, "tokenizer", "token_dataset", "ar_model", "sampling_tuning", "samples"]
+    parser.add_argument("--step", dest="steps", action="append", choices=steps,
+                        help="a step to rerun and compare, with all it needs (default: the metric steps)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--json", type=Path, help="write the report here as JSON")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if Store(args.store).url == Store(args.against).url:
+        parser.error("--store and --against are the same store: nothing would be rerun")
+    profile = load_profile(args.profile, args.overrides)
+    if args.variant not in profile.variants:
+        parser.error(f"--variant {args.variant!r} is not a variant of {args.profile} ({', '.join(profile.variants)})")
+    plan = Plan.from_listing(profile, Store(args.store))
+    report = reproduce(plan, Store(args.against), args.variant, tuple(args.steps or METRIC_STEPS),
+                       progress=not args.no_progress)  # fmt: skip
+    for entry in report:
+        print(summary_line(entry))
+    same = same_numbers(report)
+    verdict = "the same numbers" if same else "NOT the same numbers (above)"
+    print(f"{args.variant} of {plan.label} against {args.against}: {verdict} in {len(report)} artefacts")
+    if args.json:
+        args.json.write_text(json.dumps({"variant": args.variant, "profile": plan.label, "same_numbers": same,
+                                         "artefacts": report}, indent=1))  # fmt: skip
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
