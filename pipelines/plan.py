@@ -410,6 +410,13 @@ class Plan:
         }
         return upstream[asset]
 
+    def order_of(self, nodes: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+        """Every asset partition the `nodes` need, upstream first, each once."""
+        seen: list[tuple[str, str | None]] = []
+        for node in nodes:
+            seen += [n for n in self.order(*node) if n not in seen]
+        return seen
+
     def order(self, asset: str, partition: str | None) -> list[tuple[str, str | None]]:
         """Every asset partition `asset[partition]` needs, upstream first, itself last."""
         seen: list[tuple[str, str | None]] = []

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.plan import Plan, Target
+from pipelines.plan import Plan
 from pipelines.profiles import load_profile
 from pipelines.runner import run_missing
 from pipelines.store import Store
@@ -62,21 +62,13 @@ def compare(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def targets_of(plan: Plan, variant: str, steps: tuple[str, ...]) -> list[Target]:
-    """Every artefact the variant's `steps` need, upstream first, each once."""
-    nodes: list[tuple[str, str | None]] = []
-    for step in steps:
-        nodes += [n for n in plan.order(step, variant) if n not in nodes]
-    return [t for asset, part in nodes for t in plan.targets(asset, part)]
-
-
 def reproduce(plan: Plan, reference: Store, variant: str, steps: tuple[str, ...] = METRIC_STEPS, *,
               progress: bool = False, on_log=print) -> list[dict[str, Any]]:  # fmt: skip
     """Run what `plan.store` lacks of the variant's `steps`, then compare each artefact with `reference`'s."""
     for step in steps:
         run_missing(plan, step, [variant], on_log=on_log, progress=progress)
     report = []
-    for t in targets_of(plan, variant, steps):
+    for t in (t for node in plan.order_of([(s, variant) for s in steps]) for t in plan.targets(*node)):
         theirs = reference.artifact(t.asset, t.key).manifest()
         entry = {"artefact": t.label, "key": t.key}
         if theirs is None:

@@ -262,11 +262,15 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _aligned(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every row with every column (one Parquet schema), None where a variant has none."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k) for k in columns} for r in rows]
+
+
 def results_table(plan: Plan, partition: None = None, *, on_log=log.info, progress: bool = False) -> StepResult:
     """The table of every variant of the plan; its key hashes the rows, so new numbers are a new table."""
-    rows = [_row(plan, v) for v in plan.profile.variants]
-    columns = list(dict.fromkeys(k for r in rows for k in r))  # every row gets every column (Parquet schema)
-    rows = [{k: r.get(k) for k in columns} for r in rows]
+    rows = _aligned([_row(plan, v) for v in plan.profile.variants])
     target = plan.results(rows)
     return cached_or_run(target, lambda: _write(plan, target, rows), on_log)
 
@@ -289,18 +293,11 @@ def step_times(plan: Plan, variants: list[str] | None = None) -> dict[str, Any]:
             return None  # written before timing was recorded
         return {k: round(sum(f[k] for f in found), 1) for k in ("wall_s", "cpu_s")}
 
-    per_variant = {}
-    for v in plan.profile.variants if variants is None else variants:
-        targets = {
-            "tokenizer": [plan.tokenizer(v)], "token_dataset": [plan.tokens(v)], "ar_model": [plan.ar(v)],
-            "sampling_tuning": [plan.tuning(v)], "samples": plan.samples(v),
-            "reconstruction_metrics": [plan.reconstruction(v)], "generation_metrics": [plan.generation(v)],
-            "linear_probe": [plan.probe(v)], "mechanism_metrics": [plan.mechanism(v)],
-        }  # fmt: skip
-        per_variant[v] = {step: timing(targets[step]) for step in VARIANT_STEPS}
-    shared = {f"image_shards[{s}]": timing([plan.shards(s)]) for s in ("train", "val")}
-    shared["domain_classifier"] = timing([plan.domain()])
-    shared |= {f"reference_stats[{e}]": timing([t]) for e, t in plan.references().items()}
+    per_variant = {v: {step: timing(plan.targets(step, v)) for step in VARIANT_STEPS}
+                   for v in (plan.profile.variants if variants is None else variants)}  # fmt: skip
+    shared = {f"{asset}[{p}]" if p is not None else asset: timing(plan.targets(asset, p))
+              for asset in ("image_shards", "domain_classifier", "reference_stats")
+              for p in plan.partitions(asset)}  # fmt: skip
     recorded = [t for t in distinct.values() if t is not None]
     total = {k: round(sum(t[k] for t in recorded), 1) for k in ("wall_s", "cpu_s")}
     return {"variants": per_variant, "shared": shared, "total": total, "artefacts": len(distinct),
@@ -319,8 +316,7 @@ def so_far(plan: Plan, figures: Path | None = None) -> str:
             pending.append(v)
     if not rows:
         return f"{plan.label}: no variant has all its artefacts yet (pending: {', '.join(pending)})."
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    rows = [{k: r.get(k) for k in columns} for r in rows]
+    rows = _aligned(rows)
     head = (f"So far ({plan.label}, printed from the store, not a stored table): {len(rows)} of "
             f"{len(plan.profile.variants)} variants finished" + (f"; pending: {', '.join(pending)}" if pending else "")
             + ".\n\n")  # fmt: skip

@@ -70,9 +70,7 @@ def run_missing(
 ) -> dict[str | None, StepResult | list[StepResult]]:
     """Run every missing step that `asset[partition]` needs, upstream first, then the asset itself;
     returns the asset's result per partition."""
-    order: list[tuple[str, str | None]] = []
-    for p in partitions:
-        order += [n for n in plan.order(asset, p) if n not in order]
+    order = plan.order_of([(asset, p) for p in partitions])
     todo = [n for n in order if n[0] == asset or not materialised(plan, *n)]
     registry, out = steps(), {}
     for i, (a, p) in enumerate(todo, 1):
