@@ -251,7 +251,12 @@ def test_two_runs_that_need_the_accelerator_pool_run_one_after_the_other(tmp_pat
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     from dagster._core.instance.ref import InstanceRef
 
-    DagsterInstance.from_ref(InstanceRef.from_dir(str(home))).dispose()  # the schema, once: not by two at once
+    instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))  # the schema, once: not by two at once
+    # The pool's slots, once, as deploy/README.md has the operator do: Dagster otherwise allocates a default-limit
+    # pool's slots at its first claim, and two first claims at the same moment each allocated a slot (seen in CI).
+    assert instance.event_log_storage.initialize_concurrency_limit_to_default(ACCELERATOR_POOL)
+    assert instance.event_log_storage.get_concurrency_info(ACCELERATOR_POOL).slot_count == 1
+    instance.dispose()
     script = tmp_path / "pool_job.py"
     script.write_text(POOL_JOB)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
