@@ -1,16 +1,18 @@
 """What every benchmark script shares: the machine line of its figures, their printout and JSON file."""
 
 import json
-import os
-import platform
 from pathlib import Path
 
 import torch
 
+from pipelines.store import machine as store_machine
+
 
 def machine(threads: bool = False) -> str:
-    """CPU kind and core count (and torch's thread count, for compute-bound benchmarks)."""
-    line = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    """CPU model and core count (and torch's thread count, for compute-bound benchmarks): the same
+    record a manifest's timing keeps (`pipelines.store.machine`)."""
+    m = store_machine()
+    line = f"{m['cpu']}, {m['logical_cores']} cores"
     return line + (f", torch threads {torch.get_num_threads()}" if threads else "")
 
 

@@ -33,9 +33,10 @@ class Manifest:
     config: dict[str, Any]
     lineage: dict[str, Any]
     code_version: str
-    # wall and CPU seconds (this process and its workers) of the attempt that committed it; absent in
-    # manifests written before it was recorded. A resumed step counts only its last attempt.
-    timing: dict[str, float] | None = dataclasses.field(default=None, kw_only=True)
+    # wall and CPU seconds (this process and its workers) of the attempt that committed it, and the
+    # machine it ran on (`store.machine()`; absent before 2026-12-06); absent in manifests written
+    # before timing was recorded. A resumed step counts only its last attempt.
+    timing: dict[str, Any] | None = dataclasses.field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)

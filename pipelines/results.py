@@ -11,6 +11,7 @@ import logging
 import re
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 from pipelines.figures import budget_png, side_by_side
 from pipelines.manifests import read
 from pipelines.plan import CODE_VERSIONS, MissingInput, Plan, Target, cached_or_run
-from pipelines.store import StepResult
+from pipelines.store import StepResult, machine_label
 from pipelines.variants import group_rows
 
 ASSET = "results_table"
@@ -300,8 +301,9 @@ def step_times(plan: Plan, variants: list[str] | None = None) -> dict[str, Any]:
               for p in plan.partitions(asset)}  # fmt: skip
     recorded = [t for t in distinct.values() if t is not None]
     total = {k: round(sum(t[k] for t in recorded), 1) for k in ("wall_s", "cpu_s")}
+    machines = Counter(machine_label(t["machine"]) if "machine" in t else "not recorded" for t in recorded)
     return {"variants": per_variant, "shared": shared, "total": total, "artefacts": len(distinct),
-            "untimed_artefacts": len(distinct) - len(recorded)}  # fmt: skip
+            "untimed_artefacts": len(distinct) - len(recorded), "machines": dict(machines)}  # fmt: skip
 
 
 def so_far(plan: Plan, figures: Path | None = None) -> str:
@@ -349,6 +351,12 @@ def step_times_markdown(times: dict[str, Any]) -> str:
         + "; a step resumed after an interruption counts its last attempt only, a step shared by "
         "variants once.\n"
     )
+    machines = times["machines"]
+    if machines:
+        written = "; ".join(f"{label} ({n} artefact{'s' if n > 1 else ''})" for label, n in machines.items())
+        several = len(machines) > 1 and "not recorded" not in machines
+        lines.append(f"Written on: {written}." + (" Several machines: numbers are bit-identical on one "
+                     "machine, not across CPU models." if several else "") + "\n")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -17,7 +17,9 @@ import datetime as dt
 import hashlib
 import json
 import os
+import platform
 import resource
+import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -73,6 +75,33 @@ def cpu_seconds() -> float:
     """CPU seconds of this process and of its finished subprocesses (the workers, once waited for)."""
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def machine() -> dict[str, Any]:
+    """What wrote an artefact, for reading numbers across machines (results are bit-identical on one
+    machine, not across CPU models): the CPU model, its logical cores and, when this process has
+    imported torch, torch's version, its CPU threads and the CUDA device it uses."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass  # not Linux: platform's name
+    out: dict[str, Any] = {"cpu": cpu, "logical_cores": os.cpu_count()}
+    torch = sys.modules.get("torch")  # not imported here: a step without torch records no torch fields
+    if torch is not None:
+        out |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["cuda_device"] = torch.cuda.get_device_name()
+    return out
+
+
+def machine_label(m: Mapping[str, Any]) -> str:
+    """One line for a `machine()` record: 'AMD EPYC, 2 cores, torch 2.13.0 (2 threads)'."""
+    label = f"{m['cpu']}, {m['logical_cores']} cores"
+    if "torch" in m:
+        label += f", torch {m['torch']} ({m['torch_threads']} threads)"
+    return label + (f", {m['cuda_device']}" if "cuda_device" in m else "")
 
 
 @dataclass(frozen=True)
@@ -270,7 +299,7 @@ class Artifact:
         if self._began is not None:
             wall, cpu = self._began
             manifest["timing"] = {"wall_s": round(time.perf_counter() - wall, 1),
-                                  "cpu_s": round(cpu_seconds() - cpu, 1)}  # fmt: skip
+                                  "cpu_s": round(cpu_seconds() - cpu, 1), "machine": machine()}  # fmt: skip
         self._write_atomic(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         return manifest
 

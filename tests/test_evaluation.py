@@ -122,6 +122,9 @@ def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
     assert times["total"]["cpu_s"] >= times["variants"]["prologue"]["tokenizer"]["cpu_s"] > 1
     assert all(t is not None for steps in times["variants"].values() for t in steps.values())
     assert "**Wall time per step**" in md and f"{times['artefacts']} of {times['artefacts']} distinct artefacts" in md
+    # one machine wrote the whole tiny store: named once, with every timed artefact
+    [(label, n)] = times["machines"].items()
+    assert n == times["artefacts"] and f"Written on: {label} ({n} artefacts)." in md and "Several machines" not in md
     assert f"(first {table[0]['probe_tokens']} visual)" in md and f"({table[1]['probe_tokens']} prologue)" in md
 
 

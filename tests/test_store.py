@@ -1,12 +1,13 @@
 """Object store semantics, run against a local folder and the S3 server alike."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from pipelines.store import MANIFEST, Store, cache_key
+from pipelines.store import MANIFEST, Store, cache_key, machine_label
 
 
 def test_cache_key_is_content_addressed():
@@ -38,12 +39,17 @@ def test_commit_writes_manifest_last(store: Store, tmp_path):
 
 
 def test_commit_records_the_wall_and_cpu_time_of_the_step_and_its_workers(store: Store):
+    import torch  # noqa: F401  (machine() records torch's fields once a step has imported it)
+
     art = store.artifact("thing", "timed")
     art.begin()
     busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
     subprocess.run([sys.executable, "-c", busy], check=True)  # a worker's CPU time counts once it exits
     timing = art.commit({})["timing"]
     assert timing["cpu_s"] >= 0.6 and timing["wall_s"] >= 0.6
+    # and the machine that measured it (torch imported in this process: its version and threads too)
+    assert timing["machine"]["logical_cores"] == os.cpu_count() and timing["machine"]["cpu"]
+    assert timing["machine"]["torch_threads"] >= 1 and machine_label(timing["machine"]).count(" cores, torch ") == 1
     assert "timing" not in store.artifact("thing", "untimed").commit({})  # no step began it: nothing measured
 
 
