@@ -57,6 +57,8 @@ BENCHES = [
           ("first run", "first_run_s"), ("cached rerun", "cached_run_s"), "s"),
     Bench("features", "feature extraction: end to end vs network only",
           ("shards -> embed", "end_to_end_images_per_s"), ("network only", "network_only_images_per_s"), "img/s"),
+    Bench("evaluator_network", "EfficientNet-Lite0: BatchNorms folded, channels-last vs the pretrained net as loaded",
+          ("folded", "folded_images_per_s"), ("as loaded", "pretrained_images_per_s"), "img/s"),
     Bench("domain_features", "domain-classifier embedding: end to end vs network only",
           ("shards -> embed", "end_to_end_images_per_s"), ("network only", "network_only_images_per_s"), "img/s"),
 ]

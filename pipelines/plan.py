@@ -40,13 +40,16 @@ CODE_VERSIONS = {
     "ar_model": "1",
     "sampling_tuning": "2",  # 2: the selected settings' labels in the metrics
     "samples": "2",  # 2: sampled with the settings sampling_tuning selected
-    "reference_stats": "1",
+    "reference_stats": "2",  # 2: EfficientNet-Lite0 with its BatchNorms folded (the same features up to rounding)
     "domain_classifier": "1",
-    "reconstruction_metrics": "2",  # 2: the domain evaluator's figures and features beside EfficientNet-Lite0's
-    "generation_metrics": "2",  # 2: fd_domain, class consistency, the AR-only distance
-    "linear_probe": "2",
-    "mechanism_metrics": "1",  # 2: one-hot views beside the codebook vectors; first z visual tokens per variant
-    "results_table": "4",  # 4: the step times; 3: the summary over training seeds
+    # 3: EfficientNet-Lite0 with its BatchNorms folded; 2: the domain evaluator's figures beside EfficientNet-Lite0's
+    "reconstruction_metrics": "3",
+    "generation_metrics": "3",  # 3: EfficientNet-Lite0's BatchNorms folded; 2: fd_domain, consistency, AR-only
+    # 3: one-hot views gathered, not a dense matrix (the same fit up to rounding); 2: one-hot views beside the
+    # codebook vectors, the first z visual tokens per variant
+    "linear_probe": "3",
+    "mechanism_metrics": "1",
+    "results_table": "5",  # 5: the machines that wrote its inputs; 4: the step times; 3: the summary over seeds
 }
 
 

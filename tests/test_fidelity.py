@@ -25,7 +25,15 @@ from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
-from modeling.features import NAME, EffNetLite0, FidelityEffNetLite0, register, to_timm_keys, weights_path
+from modeling.features import (
+    NAME,
+    EffNetLite0,
+    FidelityEffNetLite0,
+    pretrained_net,
+    register,
+    to_timm_keys,
+    weights_path,
+)
 from modeling.fidelity import (
     Embedder,
     ImageSet,
@@ -131,9 +139,24 @@ def test_pretrained_weights_load_strictly():
     assert 4.6e6 < sum(p.numel() for p in net.parameters()) < 4.7e6
     model = EffNetLite0()
     assert torch.equal(model.net.classifier.weight, state["_fc.weight"])
-    assert torch.equal(model.net.blocks[6][0].conv_pwl.weight, state["_blocks.15._project_conv.weight"])
     model.train()
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_folded_batchnorms_compute_what_the_pretrained_net_computes():
+    """EffNetLite0 runs the pretrained net with its BatchNorms folded into the convolutions, on channels-last
+    tensors: the same features and logits as timm's unfolded net in eval mode, up to float rounding."""
+    images, _ = imagenet_photos()
+    model, plain = EffNetLite0(), pretrained_net()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.net.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules()) == 2 + 1 * 2 + 15 * 3  # stem, head, blocks
+    with torch.no_grad():
+        pooled, logits = model(images)
+        x = F.interpolate(images.float(), size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+        expected = plain.forward_head(plain.forward_features((x - 127) / 128), pre_logits=True)
+    assert torch.allclose(pooled, expected, atol=1e-4, rtol=1e-5), float((pooled - expected).abs().max())
+    assert torch.allclose(logits, plain.classifier(expected), atol=1e-3)
+    assert pooled.is_contiguous() and logits.argmax(1).tolist() == plain.classifier(expected).argmax(1).tolist()
 
 
 def test_classifies_real_imagenet_photos():

@@ -59,13 +59,42 @@ def test_one_hot_probe_reads_a_class_code_that_the_codebook_geometry_hides():
     table = torch.ones(k, 4) + 1e-7 * torch.randn(k, 4, generator=g)  # every code embeds (almost) alike
     y = torch.randint(0, C, (800,), generator=g)
     codes = torch.stack([y, torch.randint(0, k, (800,), generator=g)], dim=1)  # [800, 2]: class code, noise
-    feats = one_hot_tokens(codes, k)
+    feats = one_hot_tokens(codes, k).dense()
     assert feats.shape == (800, 2 * k) and torch.equal(feats.sum(1), torch.full((800,), 2.0))
     assert feats[0, int(codes[0, 0])] == 1 and feats[0, k + int(codes[0, 1])] == 1
-    onehot = linear_probe(feats[:500], y[:500], feats[500:], y[500:], steps=100)
+    onehot = linear_probe(one_hot_tokens(codes[:500], k), y[:500], one_hot_tokens(codes[500:], k), y[500:], steps=100)
     embedded = embed_tokens(codes, table)
     embedded = embedded.round(decimals=3)  # the class differences are below any useful precision
     geometric = linear_probe(embedded[:500], y[:500], embedded[500:], y[500:], steps=100)
     assert onehot["top1"] >= 0.95 and geometric["top1"] < 0.3, (onehot, geometric)
     with pytest.raises(AssertionError):
         one_hot_tokens(torch.full((2, 3), k), k)
+
+
+def test_gathered_one_hot_probe_fits_the_dense_one_hot_probe():
+    """The probe on `OneHot` codes (gathered rows, never a dense matrix) solves the same problem as on the
+    dense one-hot matrix: the same standardisation (a constant column and an unseen code included), the
+    same loss at the same weights, and, fitted, the same accuracy and loss up to rounding."""
+    from modeling.probe import _Standardised
+
+    k, g = 12, torch.Generator().manual_seed(4)
+    y = torch.randint(0, C, (900,), generator=g)
+    codes = torch.stack([(y + torch.randint(0, 3, (900,), generator=g)) % k,  # noisy class code
+                         torch.randint(0, k - 1, (900,), generator=g),  # code k - 1 never appears
+                         torch.full((900,), 5)], dim=1)  # a constant token  # fmt: skip
+    sparse, dense = _Standardised(one_hot_tokens(codes, k)), _Standardised(one_hot_tokens(codes, k).dense())
+    assert torch.allclose(sparse.mean, dense.mean, atol=1e-15) and torch.allclose(sparse.std, dense.std, rtol=1e-12)
+    w, b = torch.randn(3 * k, C, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
+    gathered = sparse.logits(sparse.prepare(one_hot_tokens(codes, k)), w, b)
+    assert torch.allclose(gathered, dense.logits(dense.prepare(one_hot_tokens(codes, k).dense()), w, b), atol=1e-6)
+    train, val = slice(0, 600), slice(600, None)
+    fit = {
+        "gathered": linear_probe(one_hot_tokens(codes[train], k), y[train], one_hot_tokens(codes[val], k), y[val],
+                                 steps=200),
+        "dense": linear_probe(one_hot_tokens(codes[train], k).dense(), y[train],
+                              one_hot_tokens(codes[val], k).dense(), y[val], steps=200),
+    }
+    assert fit["gathered"]["features"] == fit["dense"]["features"] == 3 * k
+    assert fit["gathered"]["top1"] > 0.3, fit  # chance: 0.1
+    assert abs(fit["gathered"]["top1"] - fit["dense"]["top1"]) <= 1 / 300, fit
+    assert abs(fit["gathered"]["val_loss"] - fit["dense"]["val_loss"]) < 1e-4, fit
