@@ -20,10 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import machine, report
-from modeling.features import SIZE, EffNetLite0, pretrained_net
+from modeling.features import EffNetLite0, network_input, pretrained_net
 
 
 def main() -> int:
@@ -39,8 +38,7 @@ def main() -> int:
     ours, plain = EffNetLite0(), pretrained_net()
 
     def plain_pooled(x: torch.Tensor) -> torch.Tensor:  # what EffNetLite0 computes, on the unfolded net
-        x = F.interpolate(x.float(), size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
-        return plain.forward_head(plain.forward_features((x - 127) / 128), pre_logits=True)
+        return plain.forward_head(plain.forward_features(network_input(x)), pre_logits=True)
 
     nets = {"ours": lambda x: ours(x)[0], "plain": plain_pooled}
     rates: dict[str, list[float]] = {name: [] for name in nets}

@@ -29,6 +29,7 @@ from modeling.features import (
     NAME,
     EffNetLite0,
     FidelityEffNetLite0,
+    network_input,
     pretrained_net,
     register,
     to_timm_keys,
@@ -152,8 +153,7 @@ def test_folded_batchnorms_compute_what_the_pretrained_net_computes():
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules()) == 2 + 1 * 2 + 15 * 3  # stem, head, blocks
     with torch.no_grad():
         pooled, logits = model(images)
-        x = F.interpolate(images.float(), size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
-        expected = plain.forward_head(plain.forward_features((x - 127) / 128), pre_logits=True)
+        expected = plain.forward_head(plain.forward_features(network_input(images)), pre_logits=True)
     assert torch.allclose(pooled, expected, atol=1e-4, rtol=1e-5), float((pooled - expected).abs().max())
     assert torch.allclose(logits, plain.classifier(expected), atol=1e-3)
     assert pooled.is_contiguous() and logits.argmax(1).tolist() == plain.classifier(expected).argmax(1).tolist()
