@@ -35,6 +35,7 @@ def _seed():
 def cached_logits(model: ARModel, classes: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """Logits [B, T, vocab] from start() + one step() per input token id of inputs [B, T-1]."""
     cache = model.init_cache(classes.shape[0], "cpu", torch.float32)
+    cache.k.fill_(float("nan")), cache.v.fill_(float("nan"))  # a read of an unwritten position shows
     out = [model.start(classes, cache)]
     out += [model.step(inputs[:, t], cache) for t in range(inputs.shape[1])]
     return torch.stack(out, dim=1)
