@@ -411,16 +411,6 @@ def _figures(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, bytes]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipelines.runner import step_main
-
-    return step_main(__doc__, argv, ASSET, partitioned=False, summary=lambda m: f"{len(m.rows)} rows", so_far=so_far)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -449,3 +439,24 @@ def copy_into_readme(block: str, text: str, readme: Path = README) -> bool:
         return False
     readme.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), content, count=1))
     return True
+
+
+def into_readme(plan: Plan, artifact: Any) -> str:
+    """`--readme`: a results artefact into README.md's `results:<profile>` block (tables, then the
+    figures copied to docs/figures/<profile>/), as `make demo` does; says what it did."""
+    name, readme = plan.profile.name, README
+    if not readme.exists() or f"<!-- results:{name} -->" not in readme.read_text():
+        return f"{readme} has no <!-- results:{name} --> block: nothing copied"
+    copy_into_readme(f"results:{name}", readme_block(artifact, name, root=readme.parent), readme)
+    return f"(copied into {readme}, figures into {readme.parent / 'docs' / 'figures' / name}/)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.runner import step_main
+
+    return step_main(__doc__, argv, ASSET, partitioned=False, summary=lambda m: f"{len(m.rows)} rows",
+                     so_far=so_far, readme=into_readme)  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -94,10 +94,12 @@ def step_main(
     partitioned: bool = True,
     summary: Callable[[Any], str] = lambda m: "",
     so_far: Callable[[Plan, Path | None], str] | None = None,
+    readme: Callable[[Plan, Any], str] | None = None,
 ) -> int:
     """The command line of one step: the step for the chosen partitions, and its missing upstream;
     with `so_far`, `--so-far [FIGURES_DIR]` prints what the finished inputs show (and writes its
-    figures to FIGURES_DIR) and computes nothing."""
+    figures to FIGURES_DIR) and computes nothing; with `readme`, `--readme` hands the step's result
+    to it afterwards (it copies the result into the README and says what it did)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=os.environ.get("PROLOGUE_PROFILE", "fashion32"))
     if partitioned:
@@ -111,6 +113,9 @@ def step_main(
         parser.add_argument("--so-far", nargs="?", const="", default=None, metavar="FIGURES_DIR",
                             help="print what the inputs in the store show so far (and write its figures to "
                             "FIGURES_DIR); compute nothing, write nothing to the store")
+    if readme is not None:
+        parser.add_argument("--readme", action="store_true",
+                            help="then copy the result into its block of README.md, as `make demo` does")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     profile = load_profile(args.profile, args.overrides)
@@ -125,4 +130,6 @@ def step_main(
         done = "(cached)" if first.cached else f"in {first.seconds:.0f}s"
         label = f"{asset}[{p}]" if p is not None else asset
         print(f"{label}: {summary(first.manifest)} {done} -> {first.artifact.uri}")
+        if readme is not None and args.readme:
+            print(readme(plan, first.artifact))
     return 0

@@ -164,6 +164,29 @@ def test_the_readme_block_holds_the_tables_and_links_the_copied_figures(full_run
     assert "budgets.png" not in text
 
 
+def test_the_standalone_table_command_copies_itself_into_the_readme(full_run, tmp_path, monkeypatch, capsys):
+    import pipelines.results as results
+
+    root = full_run[0]
+    readme = tmp_path / "README.md"
+    blocks = "<!-- results:tiny -->\nold\n<!-- /results -->\n<!-- results:fashion32 -->\nkept\n<!-- /results -->\n"
+    readme.write_text("# x\n" + blocks)
+    monkeypatch.setattr(results, "README", readme)
+    argv = ["--profile", "tiny", "--store", str(root), "--readme"]
+    assert results.main(argv) == 0  # the table is in the store: nothing recomputed, only copied
+    [key] = [p.name for p in (root / "results_table").iterdir()]
+    text = readme.read_text()
+    assert "old" not in text and "kept" in text
+    assert (root / "results_table" / key / "results.md").read_text() in text
+    copied = tmp_path / "docs" / "figures" / "tiny" / "samples.png"
+    assert copied.read_bytes() == (root / "results_table" / key / "samples.png").read_bytes()
+    assert f"(copied into {readme}" in capsys.readouterr().out
+    # a README without the profile's block is left alone, and the command says so
+    readme.write_text("# x\n")
+    assert results.main(argv) == 0
+    assert readme.read_text() == "# x\n" and "nothing copied" in capsys.readouterr().out
+
+
 def _reused(md: dict) -> bool:
     flags = [v for k, v in md.items() if k.endswith("reused_existing")]
     return bool(flags) and all(flags)
