@@ -217,26 +217,43 @@ def test_compose_images_are_pinned_and_pullable_registries():
 
 
 POOL_JOB = """
-import json, sys, time
+import json, os, sys, time
+from pathlib import Path
 from dagster import DagsterInstance, asset, materialize
 from dagster._core.instance.ref import InstanceRef
 from assets.resources import ACCELERATOR_POOL
 
+home = Path(sys.argv[1])
+
 @asset(pool=ACCELERATOR_POOL)
 def holds_the_accelerator():
     start = time.time()
-    time.sleep(3)
+    (home / f"started-{os.getpid()}").write_text(str(start))
+    deadline = start + 120
+    while not (home / "release").exists() and time.time() < deadline:  # held until the test lets go
+        time.sleep(0.05)
     return [start, time.time()]
 
-instance = DagsterInstance.from_ref(InstanceRef.from_dir(sys.argv[1]))
+instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
 result = materialize([holds_the_accelerator], instance=instance)
 print(json.dumps(result.output_for_node("holds_the_accelerator")))
 """
 
 
+def _wait_for(condition, what: str, timeout: float = 120.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
 def test_two_runs_that_need_the_accelerator_pool_run_one_after_the_other(tmp_path):
-    """deploy/dagster.yaml's pool limit (its `concurrency` block, on a SQLite instance here): two runs
-    launched at once, each with a step in the accelerator pool, hold it one after the other."""
+    """deploy/dagster.yaml's pool limit (its `concurrency` block, on a SQLite instance here): a run whose step
+    needs the accelerator pool while another run's step holds it queues, and starts only after the pool is let go.
+    (The second run starts once the first holds the pool: two claims in the same few milliseconds can both win,
+    deploy/README.md.)"""
     import json
 
     import yaml
@@ -260,10 +277,24 @@ def test_two_runs_that_need_the_accelerator_pool_run_one_after_the_other(tmp_pat
     script = tmp_path / "pool_job.py"
     script.write_text(POOL_JOB)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    runs = [subprocess.Popen([sys.executable, str(script), str(home)], stdout=subprocess.PIPE, text=True, env=env)
-            for _ in range(2)]  # fmt: skip
-    spans = sorted(json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in runs)
-    assert all(p.returncode == 0 for p in runs)
+
+    def launch():
+        return subprocess.Popen([sys.executable, str(script), str(home)], stdout=subprocess.PIPE, text=True, env=env)
+
+    first = launch()
+    _wait_for(lambda: any(home.glob(f"started-{first.pid}")), "the first run to hold the pool")
+    second = launch()
+    instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
+    try:
+        _wait_for(lambda: instance.event_log_storage.get_concurrency_info(ACCELERATOR_POOL).pending_step_count == 1,
+                  "the second run to queue for the pool")  # fmt: skip
+        info = instance.event_log_storage.get_concurrency_info(ACCELERATOR_POOL)
+        assert info.active_slot_count == 1 and not any(home.glob(f"started-{second.pid}")), info  # it waits
+    finally:
+        instance.dispose()
+        (home / "release").touch()
+    spans = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0
     assert spans[0][1] <= spans[1][0], spans  # the second held the pool only after the first let it go
     pooled = {a.key.to_user_string() for a in defs.assets if getattr(a, "op", None) is not None
               and a.op.pool == ACCELERATOR_POOL}  # fmt: skip
