@@ -110,7 +110,8 @@ def train_classifier(
     """Train `model` for cfg.epochs passes; `batches(epoch)` yields (uint8 images [B, C, H, W], int64 labels [B])
     in that epoch's order (the caller shuffles by epoch). `total_steps` (batches over all epochs) sets the length
     of the LR schedule and must match what `batches` yields. Logs at least every 30 s of work. Returns the steps,
-    train_loss (mean over the steps since the previous log line) and seconds; leaves the model in eval mode."""
+    train_loss (mean over the last epoch's steps: fixed steps, so it does not depend on the machine's speed, as
+    the time-spaced log lines do) and seconds; leaves the model in eval mode."""
     assert total_steps >= 1, total_steps
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -119,8 +120,9 @@ def train_classifier(
     g = torch.Generator().manual_seed(cfg.seed)
     model.train()
     start = last_log = time.monotonic()
-    step, loss_sum, loss_n, train_loss = 0, 0.0, 0, float("nan")
+    step, loss_sum, loss_n, epoch_losses = 0, 0.0, 0, []
     for epoch in range(cfg.epochs):
+        epoch_losses = []
         for images, labels in batches(epoch):
             if step == total_steps:
                 raise ValueError(f"batches yield more than total_steps={total_steps} batches")
@@ -131,17 +133,19 @@ def train_classifier(
             opt.step()
             sched.step()
             step += 1
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            epoch_losses.append(loss.item())
+            loss_sum, loss_n = loss_sum + epoch_losses[-1], loss_n + 1
             if time.monotonic() - last_log >= 30 or step == total_steps:
                 last_log = time.monotonic()
                 on_log(
                     f"classifier epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} "
                     f"loss {loss_sum / loss_n:.4f} lr {sched.get_last_lr()[0]:.2e} {last_log - start:.0f}s"
                 )
-                train_loss, loss_sum, loss_n = loss_sum / loss_n, 0.0, 0
+                loss_sum, loss_n = 0.0, 0
     if step != total_steps:
         raise ValueError(f"batches yielded {step} batches, not total_steps={total_steps}")
     model.eval()
+    train_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else float("nan")
     return {"steps": step, "train_loss": train_loss, "seconds": time.monotonic() - start}
 
 

@@ -9,7 +9,9 @@ artefacts reuses them — and then compares each artefact with the one of the sa
 `--against` store: every number in the two manifests' `metrics` and `counts`, and every file by
 sha256. Same key means same code version, config and inputs, so any difference is the machine's or
 the code's nondeterminism. It prints one line per artefact and exits 1 when a number differs.
-Files may differ where numbers do not (logs with throughput, plots); those are listed, not failed.
+Durations and rates (`seconds`, `*_per_s`) measure the machine's load, not the result: they are
+listed as timing, not failed. Files may differ where numbers do not (logs with throughput, plots);
+those are listed, not failed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ METRIC_STEPS = ("generation_metrics", "reconstruction_metrics", "linear_probe", 
 COMPARED = ("metrics", "counts")  # the manifest fields that hold a step's numbers
 
 
+def is_timing(path: str) -> bool:
+    """A duration or a rate (`metrics.train.seconds`, `*.tokens_per_s`): the machine's load, not a result."""
+    name = path.rsplit(".", 1)[-1].split("[", 1)[0]
+    return name == "seconds" or name.endswith("_per_s")
+
+
 def numbers(tree: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
     """Every number in a nested manifest field, by dotted path (`metrics.cfg.fd_domain`)."""
     if isinstance(tree, dict):
@@ -45,17 +53,19 @@ def numbers(tree: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
 
 
 def compare(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
-    """Two manifests of one cache key: the numbers that differ (with |Δ|), the files that differ."""
+    """Two manifests of one cache key: the numbers that differ (with |Δ|), the timing numbers that differ,
+    the files that differ."""
     a = dict(pair for field in COMPARED for pair in numbers(mine.get(field), field))
     b = dict(pair for field in COMPARED for pair in numbers(theirs.get(field), field))
-    differ = {k: abs(a[k] - b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k] and not (math.isnan(a[k])
-              and math.isnan(b[k]))}  # fmt: skip
-    missing = sorted(set(a) ^ set(b))
+    changed = {k: abs(a[k] - b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k] and not (math.isnan(a[k])
+               and math.isnan(b[k]))}  # fmt: skip
+    missing = sorted(k for k in set(a) ^ set(b) if not is_timing(k))
     files_a = {rel: f["sha256"] for rel, f in mine["files"].items()}
     files_b = {rel: f["sha256"] for rel, f in theirs["files"].items()}
     return {
-        "numbers": len(a),
-        "numbers_differ": differ,
+        "numbers": sum(not is_timing(k) for k in a),
+        "numbers_differ": {k: d for k, d in changed.items() if not is_timing(k)},
+        "timing_differ": [k for k in changed if is_timing(k)],
         "numbers_only_in_one": missing,
         "files": len(files_a),
         "files_differ": sorted(rel for rel in set(files_a) | set(files_b) if files_a.get(rel) != files_b.get(rel)),
@@ -90,6 +100,8 @@ def summary_line(entry: dict[str, Any]) -> str:
         numbers_text = f"{len(differ)} of {entry['numbers']} numbers differ (max |Δ| {worst:.3g}: "
         numbers_text += ", ".join(list(differ)[:3]) + ")"
         numbers_text += f", {len(one_sided)} in one only" if one_sided else ""
+    if entry["timing_differ"]:
+        numbers_text += f" ({len(entry['timing_differ'])} timing numbers differ, not compared)"
     files = entry["files_differ"]
     files_text = f"{entry['files'] - len(files)} of {entry['files']} files identical" + (
         f" (differ: {', '.join(files[:4])}{' …' if len(files) > 4 else ''})" if files else ""

@@ -81,7 +81,7 @@ def test_config_rejects_bad_values():
     assert from_dict(DomainClassifierConfig, {"width": "8"}).width == 8  # command-line strings are coerced
 
 
-def test_training_is_deterministic_and_checks_its_step_count():
+def test_training_is_deterministic_and_checks_its_step_count(monkeypatch):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (96, 3, 16, 16), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 3, (96,), generator=g)
@@ -100,6 +100,14 @@ def test_training_is_deterministic_and_checks_its_step_count():
     first, again, other = run(0), run(0), run(1)
     assert torch.equal(rng, torch.get_rng_state())  # weights and augmentation come from cfg.seed alone
     assert all(torch.equal(first[k], again[k]) for k in first)  # weights, BN statistics, step counters
+    # train_loss is the last epoch's mean however the time-spaced log lines fall: a clock that jumps 31 s per
+    # reading logs every step, and the reported loss stays the same number
+    cfg = DomainClassifierConfig(width=8, feature_dim=16, epochs=2, batch_size=32)
+    quiet = train_classifier(DomainClassifier(cfg, 3, 16, 3), batches, cfg, 2 * steps, on_log=lambda _: None)
+    clock, logs = iter(range(0, 10_000, 31)), []
+    monkeypatch.setattr("modeling.domain_classifier.time.monotonic", lambda: float(next(clock)))
+    busy = train_classifier(DomainClassifier(cfg, 3, 16, 3), batches, cfg, 2 * steps, on_log=logs.append)
+    assert len(logs) == 2 * steps and busy["train_loss"] == quiet["train_loss"]
     assert not torch.equal(first["head.weight"], other["head.weight"])
     cfg = DomainClassifierConfig(width=8, feature_dim=16, epochs=2, batch_size=32)
     for wrong in (5, 7):  # the LR schedule must span exactly the batches that come

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from pipelines.reproduce import compare, main, numbers
+from pipelines.reproduce import compare, is_timing, main, numbers, same_numbers, summary_line
 
 
 def _manifest(metrics: dict, files: dict[str, str]) -> dict:
@@ -19,6 +19,19 @@ def test_compare_names_each_differing_number_and_file():
     assert diff["numbers"] == 5 and diff["numbers_differ"] == {"metrics.cfg.fd[1]": 0.5}  # NaN equals NaN
     assert diff["numbers_only_in_one"] == ["metrics.extra"] and diff["files_differ"] == ["log"]
     assert dict(numbers({"a": {"b": [1, True, "x"]}})) == {"a.b[0]": 1.0}  # booleans and strings are not numbers
+
+
+def test_durations_and_rates_are_timing_not_results():
+    mine = _manifest({"final": {"tokens_per_s": 12969.0, "loss": 2.0}, "train": {"seconds": 863.0}}, {})
+    theirs = _manifest({"final": {"tokens_per_s": 13649.0, "loss": 2.0}, "train": {"seconds": 116.0}}, {})
+    diff = compare(mine, theirs)
+    assert diff["numbers"] == 2 and diff["numbers_differ"] == {} and same_numbers([diff])  # loss and steps
+    assert diff["timing_differ"] == ["metrics.final.tokens_per_s", "metrics.train.seconds"]
+    assert "2 timing numbers differ, not compared" in summary_line({"artefact": "ar_model[baseline]", **diff})
+    theirs["metrics"]["final"]["loss"] = 2.5  # a result that moves still fails
+    assert not same_numbers([compare(mine, theirs)])
+    assert [is_timing(k) for k in ("metrics.seconds", "metrics.images_per_s[0]", "metrics.per_step")] == [
+        True, True, False]  # fmt: skip
 
 
 def test_a_rerun_from_an_empty_store_gives_the_same_numbers(tiny_graph, tmp_path, capsys):
