@@ -87,14 +87,19 @@ def test_an_ar_budget_arm_reuses_its_tokenizer_and_tokens_and_trains_its_own_ar(
 
 
 def test_the_ablations_share_the_full_profiles_trained_arms(tmp_path, fashion_mnist):
-    """fashion32-ablations trains only what it adds: its baseline, prologue and Post arms, and the
-    tokenizers of its AR-budget arms, are fashion32-full's artefacts."""
+    """fashion32-ablations trains and evaluates only what it adds: its baseline, prologue and Post arms and
+    their second seeds, the tokenizers of its AR-budget arms, the domain classifier and the shared arms'
+    metrics are fashion32-full's artefacts."""
     from pipelines.plan import Plan
 
     ablations, full = (Plan.from_listing(load_profile(n), Store(str(tmp_path))) for n in ("fashion32-ablations",
                                                                                         "fashion32-full"))  # fmt: skip
-    for v in ("baseline", "prologue", "prologue_post"):
+    for v in ("baseline", "prologue", "prologue_post", "baseline_s1", "prologue_s1"):
         assert ablations.ar(v).key == full.ar(v).key and ablations.tokenizer(v).key == full.tokenizer(v).key
+        # (a baseline's probe also reads its first Z visual tokens for each prologue length the profile has)
+        for step in ("generation_metrics", "reconstruction_metrics") + (("linear_probe",) if "prologue" in v else ()):
+            assert [t.key for t in ablations.targets(step, v)] == [t.key for t in full.targets(step, v)], (step, v)
+    assert ablations.targets("domain_classifier", None)[0].key == full.targets("domain_classifier", None)[0].key
     assert ablations.tokens("baseline_ar4x").key == full.tokens("baseline").key
     assert ablations.tokenizer("prologue_post_ar4x").inputs == full.tokenizer("prologue_post").inputs
 
