@@ -133,6 +133,9 @@ class ResultsManifest(Manifest):
     rows: list[dict[str, Any]]
     over_training_seeds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """Per group of variants that differ only by training seed: each figure's mean and std over them."""
+    one_setting_gaps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Each row with a setting suffix against its arm, and a prologue arm against the same-setting baseline
+    (results.one_setting_gaps)."""
     step_times: dict[str, Any] | None = None
     """Wall and CPU seconds per variant and step, of the shared steps, and in all (results.step_times)."""
 

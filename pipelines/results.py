@@ -22,7 +22,7 @@ from pipelines.figures import budget_png, side_by_side
 from pipelines.manifests import read
 from pipelines.plan import CODE_VERSIONS, MissingInput, Plan, Target, cached_or_run
 from pipelines.store import StepResult, machine_label
-from pipelines.variants import group_rows
+from pipelines.variants import group_rows, parse_variant
 
 ASSET = "results_table"
 log = logging.getLogger(__name__)
@@ -169,6 +169,69 @@ def gaps(summary: list[dict[str, Any]], ev: str, against: str = "baseline") -> l
     return lines
 
 
+def one_setting_gaps(rows: list[dict[str, Any]], ev: str) -> list[dict[str, Any]]:
+    """What each ablation row changes: every group of rows with a setting suffix (`_z<N>`, `_ent<W>`,
+    `_tok<K>x`, `_ar<K>x`) against its arm without it (`prologue_ent0` − `prologue`), and a prologue arm's
+    group against the baseline with the same suffix (`prologue_post_ar4x` − `baseline_ar4x`, beside the arm's
+    gap without it). A group's value is its mean over training seeds. The spread is the training-seed std
+    pooled over the table's seed groups (root mean square), assumed for every arm and setting: a gap between
+    means of n and m runs is inside when it is no larger than that std times sqrt(1/n + 1/m); None without
+    seed groups."""
+    groups = group_rows(rows, lambda v: v.seed_group)
+    seed_stds = {f: [g[f]["std"] for g in over_training_seeds(rows, ev) if f in g]
+                 for f in (x.format(ev=ev) for x in SEED_FIGURES)}  # fmt: skip
+    pooled = {f: (statistics.fmean(x * x for x in stds)) ** 0.5 for f, stds in seed_stds.items() if stds}
+
+    def gap(a: str, b: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"rows": a, "against": b, "figures": {}}
+        for figure in (f.format(ev=ev) for f in SEED_FIGURES):
+            va = [m.get(figure) for m in groups[a]]
+            vb = [m.get(figure) for m in groups[b]]
+            if None in va or None in vb:
+                continue
+            std = pooled.get(figure)
+            spread = None if std is None else std * (1 / len(va) + 1 / len(vb)) ** 0.5
+            diff = statistics.fmean(va) - statistics.fmean(vb)
+            out["figures"][figure] = {"gap": diff, "spread": spread,
+                                      "inside": None if spread is None else abs(diff) <= spread}  # fmt: skip
+        return out
+
+    found = []
+    for name in groups:
+        arm = parse_variant(name).arm
+        setting = name[len(arm):]
+        if not setting:
+            continue
+        if arm in groups:
+            found.append(gap(name, arm))
+        if arm.startswith("prologue") and f"baseline{setting}" in groups:
+            found.append(gap(name, f"baseline{setting}") | {"without_setting": gap(arm, "baseline")
+                                                              if arm in groups and "baseline" in groups else None})
+    return found
+
+
+def _gap_text(entry: dict[str, Any]) -> str:
+    def one(figure: str, g: dict[str, Any]) -> str:
+        where = "" if g["spread"] is None else f" (spread {g['spread']:.3f}: {'inside' if g['inside'] else 'outside'})"
+        return f"{figure} {g['gap']:+.3f}{where}"
+
+    text = f"{entry['rows']} − {entry['against']}: " + "; ".join(one(f, g) for f, g in entry["figures"].items())
+    if entry.get("without_setting"):
+        base = entry["without_setting"]
+        text += f" [without the setting, {base['rows']} − {base['against']}: " + "; ".join(
+            f"{f} {g['gap']:+.3f}" for f, g in base["figures"].items()) + "]"
+    return text
+
+
+def _setting_lines(settings: list[dict[str, Any]]) -> list[str]:
+    if not settings:
+        return []
+    return ["\nOne setting at a time: each row with a setting suffix against its arm without it, and a prologue "
+            "arm against the baseline with the same setting (group means over training seeds; spread: the "
+            "training-seed std pooled over the seed groups above, assumed for every arm and setting, times "
+            "sqrt(1/n + 1/m)):\n"] + [f"- {_gap_text(e)}" for e in settings]  # fmt: skip
+
+
 def _seed_table(summary: list[dict[str, Any]], ev: str) -> list[str]:
     if not summary:
         return []
@@ -259,7 +322,7 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
         f"(tuning seed {r['tuning_seed']}), scored by FD-domain against the val split (disjoint from the "
         "reporting reference)."
     )
-    lines += _seed_table(over_training_seeds(rows, ev), ev)
+    lines += _seed_table(over_training_seeds(rows, ev), ev) + _setting_lines(one_setting_gaps(rows, ev))
     return "\n".join(lines) + "\n"
 
 
@@ -379,6 +442,7 @@ def _write(plan: Plan, target: Target, rows: list[dict[str, Any]]) -> dict:
         code_version=CODE_VERSIONS[ASSET],
         rows=rows,
         over_training_seeds=over_training_seeds(rows, plan.profile.evaluation.evaluator),
+        one_setting_gaps=one_setting_gaps(rows, plan.profile.evaluation.evaluator),
         step_times=times,
         profile=plan.label,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.results import SEED_FIGURES, _seed_table, gaps, over_training_seeds
+from pipelines.results import SEED_FIGURES, _gap_text, _seed_table, gaps, one_setting_gaps, over_training_seeds
 
 EV = "effnetlite0"
 
@@ -50,3 +50,26 @@ def test_without_seed_groups_the_table_has_no_summary():
     assert over_training_seeds(ROWS[:3], EV) == [] and _seed_table([], EV) == []
     text = "\n".join(_seed_table(over_training_seeds(ROWS, EV), EV))
     assert "| baseline | baseline, baseline_s1 |" in text and "21.000 ± 1.414" in text
+
+
+def test_each_setting_is_read_against_its_arm_and_the_baseline_with_the_same_setting():
+    rows = [*ROWS, _row("prologue_ent0", 14.0, 0.55), _row("baseline_ar4x", 19.0, 0.40),
+            _row("prologue_post", 19.5, 0.45), _row("prologue_post_ar4x", 16.0, 0.45)]  # fmt: skip
+    found = {(e["rows"], e["against"]): e for e in one_setting_gaps(rows, EV)}
+    assert set(found) == {("prologue_z2", "prologue"), ("prologue_ent0", "prologue"), ("baseline_ar4x", "baseline"),
+                          ("prologue_post_ar4x", "prologue_post"), ("prologue_post_ar4x", "baseline_ar4x")}
+    # pooled seed std of FD-domain no CFG: sqrt((2 + 0.5) / 2) = 1.118 (baseline 20/22, prologue 15/16)
+    z2 = found[("prologue_z2", "prologue")]["figures"]["fd_domain_nocfg"]
+    assert z2["gap"] == pytest.approx(2.5) and z2["spread"] == pytest.approx(1.118 * 1.5**0.5, abs=1e-3)
+    assert z2["inside"] is False  # 2.5 > 1.369: one run against a mean of two
+    post = found[("prologue_post_ar4x", "baseline_ar4x")]
+    f = post["figures"]["fd_domain_nocfg"]
+    assert f["gap"] == pytest.approx(-3.0) and f["spread"] == pytest.approx(1.118 * 2**0.5, abs=1e-3)
+    assert f["inside"] is False  # 3.0 > 1.581: two single runs
+    assert post["without_setting"]["figures"]["fd_domain_nocfg"]["gap"] == pytest.approx(19.5 - 21.0)
+    text = "\n".join(_gap_text(e) for e in one_setting_gaps(rows, EV))
+    [line] = [t for t in text.splitlines() if t.startswith("prologue_post_ar4x − baseline_ar4x: ")]
+    assert "fd_domain_nocfg -3.000 (spread 1.581: outside)" in line
+    assert "[without the setting, prologue_post − baseline: " in line and "fd_domain_nocfg -1.500" in line
+    assert one_setting_gaps(ROWS[:3], EV)[0]["figures"]["fd_domain_nocfg"]["spread"] is None  # no seed groups
+
