@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from pipelines.images import encode_png
-from pipelines.variants import group_rows
+from pipelines.variants import group_rows, parse_variant
 
 LABEL_HEIGHT = 14
 GAP = 6
@@ -57,19 +57,28 @@ BUDGETS = {  # x axis: the row column that counts the budget, and how a variant'
 
 def budget_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """{budget axis: {arm: its rows in budget order}} for every arm the profile trains at two or more
-    budgets (`baseline`, `baseline_ar4x`, ...)."""
+    budgets (`baseline`, `baseline_ar4x`, ...); rows of another training seed (`_s<S>`) are left out
+    (see `other_seeds`)."""
+    first_seed = [r for r in rows if parse_variant(r["variant"]).seed is None]
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for axis, (column, group_of) in BUDGETS.items():
-        series = {arm: sorted(rs, key=lambda r: r[column]) for arm, rs in group_rows(rows, group_of).items()
+        series = {arm: sorted(rs, key=lambda r: r[column]) for arm, rs in group_rows(first_seed, group_of).items()
                   if len({r[column] for r in rs}) > 1}  # fmt: skip
         if series:
             out[axis] = series
     return out
 
 
+def other_seeds(rows: list[dict[str, Any]], arm: str) -> list[dict[str, Any]]:
+    """The rows that repeat a series' arm with another training seed (`baseline_s1` for `baseline`): the
+    training spread, drawn as points beside the line."""
+    return [r for r in rows if (v := parse_variant(r["variant"])).seed is not None and v.seed_group == arm]
+
+
 def budget_png(rows: list[dict[str, Any]], figures: Mapping[str, str]) -> bytes | None:
     """Each of `figures` ({row column: title}) against each budget the profile varies, one line per
-    arm, error bars the std over sampling runs; None when no budget varies."""
+    arm, error bars the std over sampling runs, hollow points the arm's other training seeds (the
+    training spread, usually much wider); None when no budget varies."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,8 +94,12 @@ def budget_png(rows: list[dict[str, Any]], figures: Mapping[str, str]) -> bytes 
         for ax, (figure, title) in zip(row_axes, figures.items(), strict=True):
             for arm, rs in arms.items():
                 spread = [r.get(f"{figure}_std") or 0 for r in rs]
-                ax.errorbar([r[column] for r in rs], [r[figure] for r in rs], yerr=spread, marker="o", capsize=3,
-                            label=arm)  # fmt: skip
+                line = ax.errorbar([r[column] for r in rs], [r[figure] for r in rs], yerr=spread, marker="o",
+                                   capsize=3, label=arm)  # fmt: skip
+                seeds = other_seeds(rows, arm)
+                if seeds:  # hollow: the same arm and budget, another training seed
+                    ax.scatter([r[column] for r in seeds], [r[figure] for r in seeds], facecolors="none",
+                               edgecolors=line[0].get_color(), label=f"{arm}, other training seeds")  # fmt: skip
             ax.set_title(title, fontsize=9)
             ax.set_xlabel(axis, fontsize=8)
             ax.tick_params(labelsize=7)

@@ -49,7 +49,7 @@ CODE_VERSIONS = {
     # codebook vectors, the first z visual tokens per variant
     "linear_probe": "3",
     "mechanism_metrics": "1",
-    "results_table": "6",  # 6: one-setting gaps; 5: the machines of its inputs; 4: step times; 3: seed summary
+    "results_table": "7",  # 7: other seeds in budgets.png; 6: one-setting gaps; 5: input machines; 4: step times
 }
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.figures import GAP, LABEL_HEIGHT, budget_png, budget_series, side_by_side
+from pipelines.figures import GAP, LABEL_HEIGHT, budget_png, budget_series, other_seeds, side_by_side
 from pipelines.images import grid_png
 
 
@@ -40,7 +40,7 @@ def _row(variant: str, ar_steps: int, tok_steps: int, fd: float) -> dict:
 def test_budget_series_pair_each_arm_with_its_longer_runs():
     rows = [_row("baseline", 800, 1500, 20.0), _row("prologue", 800, 1500, 18.0),
             _row("baseline_ar4x", 3200, 1500, 15.0), _row("prologue_tok3x", 800, 4500, 16.0),
-            _row("prologue_post", 800, 1500, 17.0)]  # fmt: skip
+            _row("prologue_post", 800, 1500, 17.0), _row("baseline_s1", 800, 1500, 22.0)]  # fmt: skip
     series = budget_series(rows)
     assert {a: [r["variant"] for r in rs] for a, rs in series["AR steps"].items()} == {
         "baseline": ["baseline", "baseline_ar4x"]
@@ -48,6 +48,8 @@ def test_budget_series_pair_each_arm_with_its_longer_runs():
     assert {a: [r["variant"] for r in rs] for a, rs in series["tokenizer steps"].items()} == {
         "prologue": ["prologue", "prologue_tok3x"]
     }
+    assert [r["variant"] for r in other_seeds(rows, "baseline")] == ["baseline_s1"]  # a point, not a line
+    assert other_seeds(rows, "prologue") == []
     png = budget_png(rows, {"fd_domain_nocfg": "FD-domain, no CFG"})
     assert png is not None and Image.open(io.BytesIO(png)).size[1] > 200  # two rows of plots
     assert budget_png(rows[:2], {"fd_domain_nocfg": "FD-domain, no CFG"}) is None  # no budget varies
