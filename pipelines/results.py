@@ -150,6 +150,12 @@ def over_training_seeds(rows: list[dict[str, Any]], ev: str) -> list[dict[str, A
     return out
 
 
+def _gap_words(figure: str, gap: float, spread: float | None) -> str:
+    """`fd_domain_nocfg -1.369 (spread 2.282: inside)`: inside when |gap| is no larger than the spread."""
+    where = "" if spread is None else f" (spread {spread:.3f}: {'outside' if abs(gap) > spread else 'inside'})"
+    return f"{figure} {gap:+.3f}{where}"
+
+
 def gaps(summary: list[dict[str, Any]], ev: str, against: str = "baseline") -> list[str]:
     """Each group's gap to `against` per figure, read against the training-seed spread: inside when it
     is no larger than the std of a difference of two single runs, sqrt(std_a^2 + std_b^2)."""
@@ -162,9 +168,7 @@ def gaps(summary: list[dict[str, Any]], ev: str, against: str = "baseline") -> l
         for figure in (f.format(ev=ev) for f in SEED_FIGURES):
             if figure in g and figure in base:
                 gap = g[figure]["mean"] - base[figure]["mean"]
-                spread = (g[figure]["std"] ** 2 + base[figure]["std"] ** 2) ** 0.5
-                where = "outside" if abs(gap) > spread else "inside"
-                parts.append(f"{figure} {gap:+.3f} (spread {spread:.3f}: {where})")
+                parts.append(_gap_words(figure, gap, (g[figure]["std"] ** 2 + base[figure]["std"] ** 2) ** 0.5))
         lines.append(f"{g['group']} − {against}: " + "; ".join(parts))
     return lines
 
@@ -211,15 +215,12 @@ def one_setting_gaps(rows: list[dict[str, Any]], ev: str) -> list[dict[str, Any]
 
 
 def _gap_text(entry: dict[str, Any]) -> str:
-    def one(figure: str, g: dict[str, Any]) -> str:
-        where = "" if g["spread"] is None else f" (spread {g['spread']:.3f}: {'inside' if g['inside'] else 'outside'})"
-        return f"{figure} {g['gap']:+.3f}{where}"
-
-    text = f"{entry['rows']} − {entry['against']}: " + "; ".join(one(f, g) for f, g in entry["figures"].items())
+    parts = [_gap_words(f, g["gap"], g["spread"]) for f, g in entry["figures"].items()]
+    text = f"{entry['rows']} − {entry['against']}: " + "; ".join(parts)
     if entry.get("without_setting"):
         base = entry["without_setting"]
         text += f" [without the setting, {base['rows']} − {base['against']}: " + "; ".join(
-            f"{f} {g['gap']:+.3f}" for f, g in base["figures"].items()) + "]"
+            _gap_words(f, g["gap"], None) for f, g in base["figures"].items()) + "]"
     return text
 
 
