@@ -49,7 +49,8 @@ CODE_VERSIONS = {
     # codebook vectors, the first z visual tokens per variant
     "linear_probe": "3",
     "mechanism_metrics": "1",
-    "results_table": "7",  # 7: other seeds in budgets.png; 6: one-setting gaps; 5: input machines; 4: step times
+    # 8: codebook usage; 7: other seeds in budgets.png; 6: one-setting gaps; 5: input machines; 4: step times
+    "results_table": "8",
 }
 
 

@@ -84,6 +84,7 @@ def _row(plan: Plan, variant: str) -> dict[str, Any]:
         "probe_first_visual_top1": {str(k): v for k, v in sorted(first.items())},
         "probe_all_visual_top1": probe["all_visual"]["top1"],
         **_domain_mechanism_tuning(plan, variant, rec),
+        **_code_usage(tok.metrics),
         "tokenizer_trainable_parameters": tok.metrics["trainable_parameters"],
         "tokenizer_steps": tok.counts.steps,
         "ar_parameters": ar.counts.parameters,
@@ -93,6 +94,18 @@ def _row(plan: Plan, variant: str) -> dict[str, Any]:
         "reference_images": gen["reference_images"],
         "reference_sha256": gen["reference_sha256"][:12],
     }
+
+
+def _code_usage(tok: dict[str, Any]) -> dict[str, Any]:
+    """How much of each codebook the tokenizer uses on val: the share of codes used and the perplexity of
+    their use (a collapsed prologue uses a handful); None for a variant without a prologue."""
+    out: dict[str, Any] = {}
+    for book in ("visual", "prologue"):
+        used = tok.get(f"{book}_codes")
+        out[f"{book}_codes_used"] = None if used is None else used["fraction_used"]
+        out[f"{book}_perplexity"] = None if used is None else used["perplexity"]
+        out[f"{book}_codebook"] = None if used is None else used["codebook_size"]
+    return out
 
 
 def _domain_mechanism_tuning(plan: Plan, variant: str, rec: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +135,14 @@ def _domain_mechanism_tuning(plan: Plan, variant: str, rec: dict[str, Any]) -> d
         "sampler_seeds": list(plan.sampling_seeds),
         "train_seeds": f"tokenizer {tok_seed}, AR {ar_seed}",
     }
+
+
+def _usage(row: dict[str, Any], book: str) -> str:
+    """`4 of 64 (perplexity 3.0)`; '—' for a codebook the variant does not have."""
+    if row.get(f"{book}_codes_used") is None:
+        return "—"
+    size = row[f"{book}_codebook"]
+    return f"{round(row[f'{book}_codes_used'] * size)} of {size} (perplexity {row[f'{book}_perplexity']:.1f})"
 
 
 def _probed(row: dict[str, Any]) -> str:
@@ -265,6 +286,30 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _mechanism_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Codebook usage, the probe, the CE under each prologue condition and the resampling rates."""
+    conditions = ("true", "shuffled_within_class", "shuffled_across_images", "constant")
+    lines = _table(
+        ["variant", "codes used: visual / prologue", "probe top-1 codebook / one-hot",
+         "AR visual CE: true / within-class / across / constant",
+         "prior visual CE: true / within-class / across / constant", "resample keeps class", "same-class pairs"],
+        [[r["variant"], f"{_usage(r, 'visual')} / {_usage(r, 'prologue')}",
+          f"{100 * r['probe_top1']:.1f}% / {100 * r['probe_onehot_top1']:.1f}% ({_probed(r)})",
+          " / ".join(_cell(r, f"ar_visual_ce_{c}", 3) for c in conditions),
+          " / ".join(_cell(r, f"prior_visual_ce_{c}", 3) for c in conditions),
+          _cell(r, "resample_keep_rate", 3), f"{r['same_class_pair_rate']:.3f}"] for r in rows],
+    )  # fmt: skip
+    lines.append(
+        "\nCodes used: the share of a codebook's entries the tokenizer assigns on the val images it was "
+        "evaluated on, and the perplexity of their use (its exponentiated entropy: how many codes it spreads "
+        "over). Probe: logistic regression on each variant's own tokens (the baseline: its first z visual tokens, "
+        "z the prologue length compared). CE per visual token on all val rows. Resampling: "
+        f"{max(x['resampled'] for x in rows) or 'no'} fixed-prologue redraws classified like their original "
+        "(domain classifier), against two random no-guidance samples of one class classified alike.\n"
+    )
+    return lines
+
+
 def markdown(rows: list[dict[str, Any]], ev: str) -> str:
     """Three tables: ImageNet-feature metrics, the domain evaluator's, and the mechanism figures."""
     lines = _table(
@@ -301,21 +346,7 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
         f"{r['real_fd_domain']:.2f}, consistency {r['real_class_consistency']:.3f}. AR-only: samples against the "
         "variant's own val reconstructions.\n"
     )
-    conditions = ("true", "shuffled_within_class", "shuffled_across_images", "constant")
-    lines += _table(
-        ["variant", "probe top-1 codebook / one-hot", "AR visual CE: true / within-class / across / constant",
-         "prior visual CE: true / within-class / across / constant", "resample keeps class", "same-class pairs"],
-        [[r["variant"], f"{100 * r['probe_top1']:.1f}% / {100 * r['probe_onehot_top1']:.1f}% ({_probed(r)})",
-          " / ".join(_cell(r, f"ar_visual_ce_{c}", 3) for c in conditions),
-          " / ".join(_cell(r, f"prior_visual_ce_{c}", 3) for c in conditions),
-          _cell(r, "resample_keep_rate", 3), f"{r['same_class_pair_rate']:.3f}"] for r in rows],
-    )  # fmt: skip
-    lines.append(
-        "\nProbe: logistic regression on each variant's own tokens (the baseline: its first z visual tokens, "
-        "z the prologue length compared). CE per visual token on all val rows. Resampling: "
-        f"{max(x['resampled'] for x in rows) or 'no'} fixed-prologue redraws classified like their original "
-        "(domain classifier), against two random no-guidance samples of one class classified alike.\n"
-    )
+    lines += _mechanism_table(rows)
     lines += _table(["variant", "sampling no CFG (selected)", "sampling CFG (selected)", "grid points"],
                     [[r["variant"], r["sampler_nocfg"], r["sampler_cfg"], str(r["tuning_points"])] for r in rows])
     lines.append(

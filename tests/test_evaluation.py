@@ -114,8 +114,19 @@ def test_results_table_has_one_row_per_variant_with_evaluator_names(full_run):
     assert table[1]["sampler_nocfg"].startswith("T ") and "prologue" in table[1]["sampler_cfg"]
     assert table[0]["resample_keep_rate"] is None and 0 <= table[1]["resample_keep_rate"] <= 1
     assert table[0]["ar_visual_ce_true"] is None and table[1]["ar_visual_ce_true"] > 0
+    # codebook usage from each tokenizer's val evaluation: the baseline has no prologue codebook
+    tok = {v: json.loads(next(p for p in (root / "tokenizer").glob("*/_manifest.json")
+                              if json.loads(p.read_text())["config"]["variant"] == v).read_text())["metrics"]
+           for v in ("baseline", "prologue")}  # fmt: skip
+    assert table[0]["prologue_codes_used"] is None and table[0]["visual_perplexity"] > 1
+    used = tok["prologue"]["prologue_codes"]
+    assert table[1]["prologue_codes_used"] == used["fraction_used"]
+    assert table[1]["prologue_codebook"] == used["codebook_size"]
     md = (art / "results.md").read_text()
     assert "not FID" in md and "| prologue |" in md
+    n = round(used["fraction_used"] * used["codebook_size"])
+    assert f"| prologue | {round(table[1]['visual_codes_used'] * table[1]['visual_codebook'])} of " in md
+    assert f" / {n} of {used['codebook_size']} (perplexity {used['perplexity']:.1f}) |" in md and " (perplexity " in md
     # every step of the tiny store was written by this code: each has its wall and CPU time
     times = json.loads((art / "_manifest.json").read_text())["step_times"]
     assert times["untimed_artefacts"] == 0

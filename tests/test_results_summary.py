@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.results import SEED_FIGURES, _gap_text, _seed_table, gaps, one_setting_gaps, over_training_seeds
+from pipelines.results import (
+    SEED_FIGURES,
+    _code_usage,
+    _gap_text,
+    _seed_table,
+    _usage,
+    gaps,
+    one_setting_gaps,
+    over_training_seeds,
+)
 
 EV = "effnetlite0"
 
@@ -73,3 +82,13 @@ def test_each_setting_is_read_against_its_arm_and_the_baseline_with_the_same_set
     assert "[without the setting, prologue_post − baseline: " in line and "fd_domain_nocfg -1.500" in line
     assert one_setting_gaps(ROWS[:3], EV)[0]["figures"]["fd_domain_nocfg"]["spread"] is None  # no seed groups
 
+
+def test_codebook_usage_reads_the_tokenizer_metrics_and_shows_a_collapsed_prologue():
+    visual = {"codebook_size": 512, "fraction_used": 0.96875, "perplexity": 80.33}
+    collapsed = {"codebook_size": 64, "fraction_used": 0.0625, "perplexity": 3.013}
+    row = _code_usage({"visual_codes": visual, "prologue_codes": collapsed})
+    assert row["prologue_codes_used"] == 0.0625 and row["prologue_perplexity"] == 3.013
+    assert _usage(row, "prologue") == "4 of 64 (perplexity 3.0)"
+    assert _usage(row, "visual") == "496 of 512 (perplexity 80.3)"
+    baseline = _code_usage({"visual_codes": visual})  # no prologue codebook: no figure, not a zero
+    assert baseline["prologue_codes_used"] is None and _usage(baseline, "prologue") == "—"
