@@ -101,10 +101,10 @@ def _code_usage(tok: dict[str, Any]) -> dict[str, Any]:
     their use (a collapsed prologue uses a handful); None for a variant without a prologue."""
     out: dict[str, Any] = {}
     for book in ("visual", "prologue"):
-        used = tok.get(f"{book}_codes")
-        out[f"{book}_codes_used"] = None if used is None else used["fraction_used"]
-        out[f"{book}_perplexity"] = None if used is None else used["perplexity"]
-        out[f"{book}_codebook"] = None if used is None else used["codebook_size"]
+        used = tok.get(f"{book}_codes") or {}
+        out[f"{book}_codes_used"] = used.get("fraction_used")
+        out[f"{book}_perplexity"] = used.get("perplexity")
+        out[f"{book}_codebook"] = used.get("codebook_size")
     return out
 
 
