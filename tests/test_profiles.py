@@ -70,11 +70,17 @@ def test_variants_map_to_tokenizer_configs_and_full_shares_fashion32():
     assert post.post_hoc and post.z_len == p.tokenizer.z_len
     with pytest.raises(ConfigError, match="not one of this profile's"):
         load_profile("tiny").tokenizer_for("prologue_post")
-    full, demo = load_profile("fashion32-full"), load_profile("fashion32")
-    # same training settings: the baseline and prologue artefacts of `make demo` are reused
-    assert (full.data, full.tokenizer, full.tokenizer_train, full.tokens, full.ar_train, full.sampler) == (
-        demo.data, demo.tokenizer, demo.tokenizer_train, demo.tokens, demo.ar_train, demo.sampler
+    full, demo, ablations = (load_profile(n) for n in ("fashion32-full", "fashion32", "fashion32-ablations"))
+    # fashion32's settings but 3x the tokenizer's steps (the GAN start with them, the warm-up kept)
+    assert (full.data, full.tokenizer, full.tokens, full.ar_train, full.sampler) == (
+        demo.data, demo.tokenizer, demo.tokens, demo.ar_train, demo.sampler
     )
+    three_x = dataclasses.replace(demo.tokenizer_train, steps=3 * demo.tokenizer_train.steps,
+                                  gan_start=3 * demo.tokenizer_train.gan_start)  # fmt: skip
+    assert full.tokenizer_train == three_x and full.tokenizer_train.warmup_steps == demo.tokenizer_train.warmup_steps
+    # the ablations stay at fashion32's budget: their `_tok3x` rows train what fashion32-full's arms train
+    assert ablations.tokenizer_train == demo.tokenizer_train
+    assert ablations.tokenizer_train_for("prologue_s1_tok3x") == full.tokenizer_train_for("prologue_s1")
     assert full.evaluation.sampling_runs == 3 and "prologue_post" in full.variants
 
 
