@@ -498,7 +498,8 @@ PROFILES["imagenet256-l"] = merge(
 # baseline and the prologue (the spread over training), and three sampling runs per variant (the spread over
 # sampling). 3x, because at fashion32's 1,500 steps the baseline's codes are as easy for the AR as the
 # prologue's and no arm generates better; at 4,500 the prologue does, over two training seeds per arm
-# (fashion32-ablations' `_tok3x` rows, whose artefacts these arms share).
+# (fashion32-ablations' `_tok3x` rows, which train what these arms train; the variant's name is in the
+# cache key, so they are separate artefacts).
 PROFILES["fashion32-full"] = merge(
     PROFILES["fashion32"],
     {
@@ -507,7 +508,7 @@ PROFILES["fashion32-full"] = merge(
         "z_len 2/8 + the 1D tokenizer + Prologue-OneStage + a second training seed, 3 sampling runs",
         "variants": ["baseline", "prologue", "prologue_post", "prologue_z2", "prologue_z8", "baseline_1d",
                      "prologue_onestage", "baseline_s1", "prologue_s1"],
-        "tokenizer_train": {"steps": 4500, "gan_start": 2250},
+        "tokenizer_train": {k: 3 * PROFILES["fashion32"]["tokenizer_train"][k] for k in ("steps", "gan_start")},
         # 10,000 samples per set for the domain evaluator; EfficientNet-Lite0 embeds the first 1,000
         "evaluation": {"sampling_runs": 3, "samples_per_class": 1000, "feature_samples_per_class": 100},
     },
@@ -518,14 +519,14 @@ PROFILES["fashion32-full"] = merge(
 # and Prologue-Post (identical visual codes: a gap is the prologue's), the tokenizer budget (1x and 3x steps)
 # for the baseline and the prologue, each with a second training seed. fashion32-full's evaluation: its
 # domain classifier and sample counts score every row, so each gap reads against the same training-seed
-# spread; the `_tok3x` rows are fashion32-full's baseline and prologue arms (shared artefacts).
+# spread; the `_tok3x` rows train what fashion32-full's baseline and prologue arms train.
 PROFILES["fashion32-ablations"] = merge(
     PROFILES["fashion32-full"],
     {
         "version": 3,
         "description": "why: prologue entropy 0/0.1/0.5, AR budget 1x/4x, tokenizer budget 1x/3x, at fashion32's "
         "tokenizer budget with fashion32-full's seeds and evaluation",
-        "tokenizer_train": {"steps": 1500, "gan_start": 750},
+        "tokenizer_train": {k: PROFILES["fashion32"]["tokenizer_train"][k] for k in ("steps", "gan_start")},
         "variants": ["baseline", "baseline_s1", "prologue", "prologue_s1", "prologue_ent0", "prologue_ent0p1",
                      "prologue_post", "baseline_ar4x", "prologue_post_ar4x", "baseline_tok3x", "baseline_s1_tok3x",
                      "prologue_tok3x", "prologue_s1_tok3x"],
