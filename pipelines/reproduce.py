@@ -12,6 +12,10 @@ the code's nondeterminism. It prints one line per artefact and exits 1 when a nu
 Durations and rates (`seconds`, `*_per_s`) measure the machine's load, not the result: they are
 listed as timing, not failed. Files may differ where numbers do not (logs with throughput, plots);
 those are listed, not failed.
+
+With `--against-variant [PROFILE:]VARIANT` the reference is another variant's chain instead (the same
+config under another name, whose keys differ by the name: fashion32-full's `baseline` and
+fashion32-ablations' `baseline_tok3x`), paired step by step; `--store` may then be `--against`.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ def compare(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
     files_b = {rel: f["sha256"] for rel, f in theirs["files"].items()}
     return {
         "numbers": sum(not is_timing(k) for k in a),
+        "numbers_identical": sum(not is_timing(k) and k in b and k not in changed for k in a),
         "numbers_differ": {k: d for k, d in changed.items() if not is_timing(k)},
         "timing_differ": [k for k in changed if is_timing(k)],
         "numbers_only_in_one": missing,
@@ -72,29 +77,54 @@ def compare(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def reproduce(plan: Plan, reference: Store, variant: str, steps: tuple[str, ...] = METRIC_STEPS, *,
-              progress: bool = False, on_log=print) -> list[dict[str, Any]]:  # fmt: skip
-    """Run what `plan.store` lacks of the variant's `steps`, then compare each artefact with `reference`'s."""
-    for step in steps:
-        run_missing(plan, step, [variant], on_log=on_log, progress=progress)
+def chain(plan: Plan, variant: str, steps: tuple[str, ...]) -> list[Any]:
+    """Every artefact the variant's `steps` need, upstream first (each sampling run its own)."""
+    return [t for node in plan.order_of([(s, variant) for s in steps]) for t in plan.targets(*node)]
+
+
+def compare_chains(plan: Plan, variant: str, reference: Plan, reference_variant: str,
+                   steps: tuple[str, ...] = METRIC_STEPS) -> list[dict[str, Any]]:  # fmt: skip
+    """Each artefact of `variant`'s chain in `plan.store` against the artefact in the same place of
+    `reference_variant`'s chain in `reference.store`. The same variant of the same profile pairs each
+    artefact with the one of its own key; another variant (the same config under another name, whose
+    keys differ by the name) pairs step by step."""
+    mine, theirs = chain(plan, variant, steps), chain(reference, reference_variant, steps)
+    if [t.asset for t in mine] != [t.asset for t in theirs]:
+        raise ValueError(f"{variant} and {reference_variant} have chains of different steps: not comparable")
     report = []
-    for t in (t for node in plan.order_of([(s, variant) for s in steps]) for t in plan.targets(*node)):
-        theirs = reference.artifact(t.asset, t.key).manifest()
+    for t, r in zip(mine, theirs, strict=True):
         entry = {"artefact": t.label, "key": t.key}
-        if theirs is None:
+        if r.key != t.key:
+            entry |= {"against": r.label, "key_against": r.key}
+        reference_manifest = r.manifest()
+        if reference_manifest is None:
             entry["missing_in_reference"] = True
         else:
-            entry |= compare(t.manifest(), theirs)
+            entry |= compare(t.manifest(), reference_manifest)
         report.append(entry)
     return report
 
 
+def reproduce(plan: Plan, reference: Store, variant: str, steps: tuple[str, ...] = METRIC_STEPS, *,
+              reference_plan: Plan | None = None, reference_variant: str | None = None,
+              progress: bool = False, on_log=print) -> list[dict[str, Any]]:  # fmt: skip
+    """Run what `plan.store` lacks of the variant's `steps`, then compare each artefact with `reference`'s
+    (by default the same key there; with `reference_plan`/`reference_variant`, that chain's)."""
+    for step in steps:
+        run_missing(plan, step, [variant], on_log=on_log, progress=progress)
+    reference_plan = reference_plan or Plan(plan.profile, reference, plan.listing)
+    return compare_chains(plan, variant, reference_plan, reference_variant or variant, steps)
+
+
 def summary_line(entry: dict[str, Any]) -> str:
+    against = f" against {entry['against']}" if "against" in entry else ""
     if entry.get("missing_in_reference"):
-        return f"{entry['artefact']}: not in the reference store (key {entry['key']})"
+        key = entry.get("key_against", entry["key"])
+        return f"{entry['artefact']}{against}: not in the reference store (key {key})"
     differ, one_sided = entry["numbers_differ"], entry["numbers_only_in_one"]
-    if not differ and not one_sided:
-        numbers_text = f"{entry['numbers']} numbers identical"
+    if not differ:
+        numbers_text = f"{entry['numbers_identical']} numbers identical"
+        numbers_text += f", {len(one_sided)} in one only" if one_sided else ""
     else:
         worst = max(differ.values(), default=0.0)
         numbers_text = f"{len(differ)} of {entry['numbers']} numbers differ (max |Δ| {worst:.3g}: "
@@ -106,12 +136,15 @@ def summary_line(entry: dict[str, Any]) -> str:
     files_text = f"{entry['files'] - len(files)} of {entry['files']} files identical" + (
         f" (differ: {', '.join(files[:4])}{' …' if len(files) > 4 else ''})" if files else ""
     )
-    return f"{entry['artefact']}: {numbers_text}; {files_text}"
+    return f"{entry['artefact']}{against}: {numbers_text}; {files_text}"
 
 
 def same_numbers(report: list[dict[str, Any]]) -> bool:
-    return all(not e.get("missing_in_reference") and not e["numbers_differ"] and not e["numbers_only_in_one"]
-               for e in report)  # fmt: skip
+    """No number differs. A number one manifest lacks fails where the keys are one (the same config);
+    against another variant it is listed, not failed: a profile may compute more for one step (the
+    probe reads the baseline's first z tokens for every prologue length the profile has)."""
+    return all(not e.get("missing_in_reference") and not e["numbers_differ"]
+               and not (e["numbers_only_in_one"] and "key_against" not in e) for e in report)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,26 +156,45 @@ def main(argv: list[str] | None = None) -> int:
     steps = [*METRIC_STEPS, "tokenizer", "token_dataset", "ar_model", "sampling_tuning", "samples"]
     parser.add_argument("--step", dest="steps", action="append", choices=steps,
                         help="a step to rerun and compare, with all it needs (default: the metric steps)")
+    parser.add_argument("--against-variant", metavar="[PROFILE:]VARIANT",
+                        help="compare with this variant's chain in --against (the same config under another "
+                             "name, e.g. fashion32-ablations:baseline_tok3x) instead of the same keys; "
+                             "--store may then be --against")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--json", type=Path, help="write the report here as JSON")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if Store(args.store).url == Store(args.against).url:
+    if Store(args.store).url == Store(args.against).url and not args.against_variant:
         parser.error("--store and --against are the same store: nothing would be rerun")
     profile = load_profile(args.profile, args.overrides)
     if args.variant not in profile.variants:
         parser.error(f"--variant {args.variant!r} is not a variant of {args.profile} ({', '.join(profile.variants)})")
     plan = Plan.from_listing(profile, Store(args.store))
-    report = reproduce(plan, Store(args.against), args.variant, tuple(args.steps or METRIC_STEPS),
-                       progress=not args.no_progress)  # fmt: skip
+    reference_plan, reference_variant = None, args.variant
+    if args.against_variant:
+        reference_name, _, reference_variant = args.against_variant.rpartition(":")
+        reference_profile = load_profile(reference_name, args.overrides) if reference_name else profile
+        if reference_variant not in reference_profile.variants:
+            parser.error(f"--against-variant {reference_variant!r} is not a variant of {reference_profile.name} "
+                         f"({', '.join(reference_profile.variants)})")  # fmt: skip
+        reference_plan = Plan(reference_profile, Store(args.against), plan.listing)
+    steps = tuple(args.steps or METRIC_STEPS)
+    try:
+        report = reproduce(plan, Store(args.against), args.variant, steps, reference_plan=reference_plan,
+                           reference_variant=reference_variant, progress=not args.no_progress)  # fmt: skip
+    except ValueError as e:
+        parser.error(str(e))
     for entry in report:
         print(summary_line(entry))
     same = same_numbers(report)
     verdict = "the same numbers" if same else "NOT the same numbers (above)"
-    print(f"{args.variant} of {plan.label} against {args.against}: {verdict} in {len(report)} artefacts")
+    against = f"{reference_plan.label}'s {reference_variant} in " if reference_plan else ""
+    print(f"{args.variant} of {plan.label} against {against}{args.against}: {verdict} in {len(report)} artefacts")
     if args.json:
         args.json.write_text(json.dumps({"variant": args.variant, "profile": plan.label, "same_numbers": same,
+                                         "against_variant": reference_variant,
+                                         "against_profile": reference_plan.label if reference_plan else plan.label,
                                          "artefacts": report}, indent=1))  # fmt: skip
     return 0 if same else 1
 

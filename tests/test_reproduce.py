@@ -18,6 +18,7 @@ def test_compare_names_each_differing_number_and_file():
     diff = compare(mine, theirs)
     assert diff["numbers"] == 5 and diff["numbers_differ"] == {"metrics.cfg.fd[1]": 0.5}  # NaN equals NaN
     assert diff["numbers_only_in_one"] == ["metrics.extra"] and diff["files_differ"] == ["log"]
+    assert diff["numbers_identical"] == 4  # psnr, fd[0], nan, counts.steps
     assert dict(numbers({"a": {"b": [1, True, "x"]}})) == {"a.b[0]": 1.0}  # booleans and strings are not numbers
 
 
@@ -56,3 +57,18 @@ def test_a_rerun_from_an_empty_store_gives_the_same_numbers(tiny_graph, tmp_path
     assert main(argv) == 1
     out = capsys.readouterr().out
     assert f"1 of {tokenizer['numbers']} numbers differ" in out and f"metrics.{name}" in out and "NOT" in out
+
+
+def test_a_variant_against_another_variants_chain_pairs_step_by_step(tiny_graph, capsys):
+    store = str(tiny_graph.root)
+    argv = ["--profile", "tiny", "--variant", "prologue", "--against", store, "--store", store, "--step", "tokenizer"]
+    # the same variant named as the reference: every artefact paired with its own key
+    assert main([*argv, "--against-variant", "tiny:prologue"]) == 0
+    out = capsys.readouterr().out
+    assert "'s prologue in" in out and "the same numbers in 3 artefacts" in out and " against " not in out.split(
+        "\n")[-3]  # the tokenizer line: its own key  # fmt: skip
+    # another variant: the shards pair with their own key, the tokenizers by step, and their numbers differ
+    assert main([*argv, "--against-variant", "baseline"]) == 1
+    out = capsys.readouterr().out
+    assert "tokenizer[prologue] against tokenizer[baseline]: " in out and "numbers differ" in out and "NOT" in out
+    assert "image_shards[train]: " in out  # same key: no "against"
