@@ -105,15 +105,14 @@ def compare_chains(plan: Plan, variant: str, reference: Plan, reference_variant:
     return report
 
 
-def reproduce(plan: Plan, reference: Store, variant: str, steps: tuple[str, ...] = METRIC_STEPS, *,
-              reference_plan: Plan | None = None, reference_variant: str | None = None,
-              progress: bool = False, on_log=print) -> list[dict[str, Any]]:  # fmt: skip
-    """Run what `plan.store` lacks of the variant's `steps`, then compare each artefact with `reference`'s
-    (by default the same key there; with `reference_plan`/`reference_variant`, that chain's)."""
+def reproduce(plan: Plan, reference: Plan, variant: str, steps: tuple[str, ...] = METRIC_STEPS, *,
+              reference_variant: str | None = None, progress: bool = False,
+              on_log=print) -> list[dict[str, Any]]:  # fmt: skip
+    """Run what `plan.store` lacks of the variant's `steps`, then compare each artefact with the one in the
+    same place of `reference`'s chain of `reference_variant` (by default the same variant)."""
     for step in steps:
         run_missing(plan, step, [variant], on_log=on_log, progress=progress)
-    reference_plan = reference_plan or Plan(plan.profile, reference, plan.listing)
-    return compare_chains(plan, variant, reference_plan, reference_variant or variant, steps)
+    return compare_chains(plan, variant, reference, reference_variant or variant, steps)
 
 
 def summary_line(entry: dict[str, Any]) -> str:
@@ -171,30 +170,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant not in profile.variants:
         parser.error(f"--variant {args.variant!r} is not a variant of {args.profile} ({', '.join(profile.variants)})")
     plan = Plan.from_listing(profile, Store(args.store))
-    reference_plan, reference_variant = None, args.variant
+    reference_profile, reference_variant = profile, args.variant
     if args.against_variant:
         reference_name, _, reference_variant = args.against_variant.rpartition(":")
         reference_profile = load_profile(reference_name, args.overrides) if reference_name else profile
         if reference_variant not in reference_profile.variants:
             parser.error(f"--against-variant {reference_variant!r} is not a variant of {reference_profile.name} "
                          f"({', '.join(reference_profile.variants)})")  # fmt: skip
-        reference_plan = Plan(reference_profile, Store(args.against), plan.listing)
+    reference = Plan(reference_profile, Store(args.against), plan.listing)
     steps = tuple(args.steps or METRIC_STEPS)
     try:
-        report = reproduce(plan, Store(args.against), args.variant, steps, reference_plan=reference_plan,
-                           reference_variant=reference_variant, progress=not args.no_progress)  # fmt: skip
+        report = reproduce(plan, reference, args.variant, steps, reference_variant=reference_variant,
+                           progress=not args.no_progress)  # fmt: skip
     except ValueError as e:
         parser.error(str(e))
     for entry in report:
         print(summary_line(entry))
     same = same_numbers(report)
     verdict = "the same numbers" if same else "NOT the same numbers (above)"
-    against = f"{reference_plan.label}'s {reference_variant} in " if reference_plan else ""
+    against = f"{reference.label}'s {reference_variant} in " if args.against_variant else ""
     print(f"{args.variant} of {plan.label} against {against}{args.against}: {verdict} in {len(report)} artefacts")
     if args.json:
         args.json.write_text(json.dumps({"variant": args.variant, "profile": plan.label, "same_numbers": same,
                                          "against_variant": reference_variant,
-                                         "against_profile": reference_plan.label if reference_plan else plan.label,
+                                         "against_profile": reference.label,
                                          "artefacts": report}, indent=1))  # fmt: skip
     return 0 if same else 1
 
