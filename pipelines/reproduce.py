@@ -82,17 +82,24 @@ def chain(plan: Plan, variant: str, steps: tuple[str, ...]) -> list[Any]:
     return [t for node in plan.order_of([(s, variant) for s in steps]) for t in plan.targets(*node)]
 
 
-def compare_chains(plan: Plan, variant: str, reference: Plan, reference_variant: str,
-                   steps: tuple[str, ...] = METRIC_STEPS) -> list[dict[str, Any]]:  # fmt: skip
-    """Each artefact of `variant`'s chain in `plan.store` against the artefact in the same place of
-    `reference_variant`'s chain in `reference.store`. The same variant of the same profile pairs each
-    artefact with the one of its own key; another variant (the same config under another name, whose
-    keys differ by the name) pairs step by step."""
+def paired(plan: Plan, variant: str, reference: Plan, reference_variant: str,
+           steps: tuple[str, ...]) -> list[tuple[Any, Any]]:  # fmt: skip
+    """`variant`'s chain in `plan` beside `reference_variant`'s in `reference`, artefact by artefact. The
+    same variant of the same profile pairs each artefact with the one of its own key; another variant
+    (the same config under another name, whose keys differ by the name) pairs step by step. Raises
+    ValueError when the chains have different steps. Reads no store: a check before any rerun."""
     mine, theirs = chain(plan, variant, steps), chain(reference, reference_variant, steps)
     if [t.asset for t in mine] != [t.asset for t in theirs]:
         raise ValueError(f"{variant} and {reference_variant} have chains of different steps: not comparable")
+    return list(zip(mine, theirs, strict=True))
+
+
+def compare_chains(plan: Plan, variant: str, reference: Plan, reference_variant: str,
+                   steps: tuple[str, ...] = METRIC_STEPS) -> list[dict[str, Any]]:  # fmt: skip
+    """Each artefact of `variant`'s chain in `plan.store` against the artefact in the same place of
+    `reference_variant`'s chain in `reference.store` (`paired`)."""
     report = []
-    for t, r in zip(mine, theirs, strict=True):
+    for t, r in paired(plan, variant, reference, reference_variant, steps):
         entry = {"artefact": t.label, "key": t.key}
         if r.key != t.key:
             entry |= {"against": r.label, "key_against": r.key}
@@ -109,10 +116,13 @@ def reproduce(plan: Plan, reference: Plan, variant: str, steps: tuple[str, ...] 
               reference_variant: str | None = None, progress: bool = False,
               on_log=print) -> list[dict[str, Any]]:  # fmt: skip
     """Run what `plan.store` lacks of the variant's `steps`, then compare each artefact with the one in the
-    same place of `reference`'s chain of `reference_variant` (by default the same variant)."""
+    same place of `reference`'s chain of `reference_variant` (by default the same variant). Chains that
+    cannot be paired fail before anything is rerun."""
+    reference_variant = reference_variant or variant
+    paired(plan, variant, reference, reference_variant, steps)
     for step in steps:
         run_missing(plan, step, [variant], on_log=on_log, progress=progress)
-    return compare_chains(plan, variant, reference, reference_variant or variant, steps)
+    return compare_chains(plan, variant, reference, reference_variant, steps)
 
 
 def summary_line(entry: dict[str, Any]) -> str:
@@ -152,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", required=True)
     parser.add_argument("--against", required=True, help="the reference store's URL")
     parser.add_argument("--store", required=True, help="the store to rerun into (empty: rerun everything)")
-    steps = [*METRIC_STEPS, "tokenizer", "token_dataset", "ar_model", "sampling_tuning", "samples"]
-    parser.add_argument("--step", dest="steps", action="append", choices=steps,
+    step_choices = [*METRIC_STEPS, "tokenizer", "token_dataset", "ar_model", "sampling_tuning", "samples"]
+    parser.add_argument("--step", dest="steps", action="append", choices=step_choices,
                         help="a step to rerun and compare, with all it needs (default: the metric steps)")
     parser.add_argument("--against-variant", metavar="[PROFILE:]VARIANT",
                         help="compare with this variant's chain in --against (the same config under another "
@@ -179,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"({', '.join(reference_profile.variants)})")  # fmt: skip
     reference = Plan(reference_profile, Store(args.against), plan.listing)
     steps = tuple(args.steps or METRIC_STEPS)
-    try:
-        report = reproduce(plan, reference, args.variant, steps, reference_variant=reference_variant,
-                           progress=not args.no_progress)  # fmt: skip
+    try:  # a user's mistake, told before hours of rerun, not a traceback after them
+        paired(plan, args.variant, reference, reference_variant, steps)
     except ValueError as e:
         parser.error(str(e))
+    report = reproduce(plan, reference, args.variant, steps, reference_variant=reference_variant,
+                       progress=not args.no_progress)  # fmt: skip
     for entry in report:
         print(summary_line(entry))
     same = same_numbers(report)
