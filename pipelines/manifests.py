@@ -133,6 +133,8 @@ class ResultsManifest(Manifest):
     rows: list[dict[str, Any]]
     over_training_seeds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """Per group of variants that differ only by training seed: each figure's mean and std over them."""
+    seed_group_gaps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Each arm with several training seeds against the baseline's (results.seed_group_gaps)."""
     one_setting_gaps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """Each row with a setting suffix against its arm, and a prologue arm against the same-setting baseline
     (results.one_setting_gaps)."""

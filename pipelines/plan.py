@@ -49,8 +49,9 @@ CODE_VERSIONS = {
     # codebook vectors, the first z visual tokens per variant
     "linear_probe": "3",
     "mechanism_metrics": "1",
-    # 8: codebook usage; 7: other seeds in budgets.png; 6: one-setting gaps; 5: input machines; 4: step times
-    "results_table": "8",
+    # 9: one spread for every gap (pooled seed std x sqrt(1/n + 1/m)); 8: codebook usage; 7: other seeds in
+    # budgets.png; 6: one-setting gaps; 5: input machines; 4: step times
+    "results_table": "9",
 }
 
 

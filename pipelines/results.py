@@ -177,50 +177,58 @@ def _gap_words(figure: str, gap: float, spread: float | None) -> str:
     return f"{figure} {gap:+.3f}{where}"
 
 
-def gaps(summary: list[dict[str, Any]], ev: str, against: str = "baseline") -> list[str]:
-    """Each group's gap to `against` per figure, read against the training-seed spread: inside when it
-    is no larger than the std of a difference of two single runs, sqrt(std_a^2 + std_b^2)."""
-    base = next((g for g in summary if g["group"] == against), None)
-    lines = []
-    for g in summary:
-        if base is None or g is base:
+def _seed_figures(ev: str) -> list[str]:
+    return [f.format(ev=ev) for f in SEED_FIGURES]
+
+
+def _pooled_seed_std(rows: list[dict[str, Any]], ev: str) -> dict[str, float]:
+    """Each figure's training-seed std pooled over the table's seed groups (root mean square of their
+    sample stds); empty without seed groups."""
+    summary = over_training_seeds(rows, ev)
+    stds = {f: [g[f]["std"] for g in summary if f in g] for f in _seed_figures(ev)}
+    return {f: statistics.fmean(x * x for x in s) ** 0.5 for f, s in stds.items() if s}
+
+
+def _group_gap(groups: dict[str, list[dict[str, Any]]], a: str, b: str, pooled: dict[str, float],
+               ev: str) -> dict[str, Any]:  # fmt: skip
+    """Group `a`'s mean minus group `b`'s per figure. The spread of a difference of two means of n and m
+    runs is the pooled training-seed std times sqrt(1/n + 1/m); inside when |gap| is no larger; None
+    without seed groups."""
+    out: dict[str, Any] = {"rows": a, "against": b, "figures": {}}
+    for figure in _seed_figures(ev):
+        va = [m.get(figure) for m in groups[a]]
+        vb = [m.get(figure) for m in groups[b]]
+        if None in va or None in vb:
             continue
-        parts = []
-        for figure in (f.format(ev=ev) for f in SEED_FIGURES):
-            if figure in g and figure in base:
-                gap = g[figure]["mean"] - base[figure]["mean"]
-                parts.append(_gap_words(figure, gap, (g[figure]["std"] ** 2 + base[figure]["std"] ** 2) ** 0.5))
-        lines.append(f"{g['group']} − {against}: " + "; ".join(parts))
-    return lines
+        std = pooled.get(figure)
+        spread = None if std is None else std * (1 / len(va) + 1 / len(vb)) ** 0.5
+        diff = statistics.fmean(va) - statistics.fmean(vb)
+        out["figures"][figure] = {"gap": diff, "spread": spread,
+                                  "inside": None if spread is None else abs(diff) <= spread}  # fmt: skip
+    return out
+
+
+def seed_group_gaps(rows: list[dict[str, Any]], ev: str, against: str = "baseline") -> list[dict[str, Any]]:
+    """Each arm with two or more training seeds against the `against` arm's seeds (`prologue` − `baseline`:
+    the mean over `prologue`, `prologue_s1` minus that over `baseline`, `baseline_s1`), read against the
+    pooled training-seed spread like every gap of the table (_group_gap). Rows with a setting suffix are
+    one_setting_gaps' to read."""
+    groups = group_rows(rows, lambda v: v.seed_group)
+    arms = [g["group"] for g in over_training_seeds(rows, ev) if parse_variant(g["group"]).arm == g["group"]]
+    if against not in arms:
+        return []
+    pooled = _pooled_seed_std(rows, ev)
+    return [_group_gap(groups, arm, against, pooled, ev) for arm in arms if arm != against]
 
 
 def one_setting_gaps(rows: list[dict[str, Any]], ev: str) -> list[dict[str, Any]]:
     """What each ablation row changes: every group of rows with a setting suffix (`_z<N>`, `_ent<W>`,
     `_tok<K>x`, `_ar<K>x`) against its arm without it (`prologue_ent0` − `prologue`), and a prologue arm's
     group against the baseline with the same suffix (`prologue_post_ar4x` − `baseline_ar4x`, beside the arm's
-    gap without it). A group's value is its mean over training seeds. The spread is the training-seed std
-    pooled over the table's seed groups (root mean square), assumed for every arm and setting: a gap between
-    means of n and m runs is inside when it is no larger than that std times sqrt(1/n + 1/m); None without
-    seed groups."""
+    gap without it). A group's value is its mean over training seeds; the spread is the pooled training-seed
+    std, assumed for every arm and setting, times sqrt(1/n + 1/m) (_group_gap)."""
     groups = group_rows(rows, lambda v: v.seed_group)
-    seed_stds = {f: [g[f]["std"] for g in over_training_seeds(rows, ev) if f in g]
-                 for f in (x.format(ev=ev) for x in SEED_FIGURES)}  # fmt: skip
-    pooled = {f: (statistics.fmean(x * x for x in stds)) ** 0.5 for f, stds in seed_stds.items() if stds}
-
-    def gap(a: str, b: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"rows": a, "against": b, "figures": {}}
-        for figure in (f.format(ev=ev) for f in SEED_FIGURES):
-            va = [m.get(figure) for m in groups[a]]
-            vb = [m.get(figure) for m in groups[b]]
-            if None in va or None in vb:
-                continue
-            std = pooled.get(figure)
-            spread = None if std is None else std * (1 / len(va) + 1 / len(vb)) ** 0.5
-            diff = statistics.fmean(va) - statistics.fmean(vb)
-            out["figures"][figure] = {"gap": diff, "spread": spread,
-                                      "inside": None if spread is None else abs(diff) <= spread}  # fmt: skip
-        return out
-
+    pooled = _pooled_seed_std(rows, ev)
     found = []
     for name in groups:
         arm = parse_variant(name).arm
@@ -228,10 +236,11 @@ def one_setting_gaps(rows: list[dict[str, Any]], ev: str) -> list[dict[str, Any]
         if not setting:
             continue
         if arm in groups:
-            found.append(gap(name, arm))
+            found.append(_group_gap(groups, name, arm, pooled, ev))
         if arm.startswith("prologue") and f"baseline{setting}" in groups:
-            found.append(gap(name, f"baseline{setting}") | {"without_setting": gap(arm, "baseline")
-                                                              if arm in groups and "baseline" in groups else None})
+            both = arm in groups and "baseline" in groups
+            without = _group_gap(groups, arm, "baseline", pooled, ev) if both else None
+            found.append(_group_gap(groups, name, f"baseline{setting}", pooled, ev) | {"without_setting": without})
     return found
 
 
@@ -245,19 +254,25 @@ def _gap_text(entry: dict[str, Any]) -> str:
     return text
 
 
+# How the table reads every gap, in its text.
+SPREAD_WORDS = ("means over training seeds; spread: the training-seed std pooled over the seed groups above "
+                "(root mean square), assumed for every arm and setting, times sqrt(1/n + 1/m) for means of n and "
+                "m runs, the std of such a difference; with two seeds per group a rough spread")  # fmt: skip
+
+
 def _setting_lines(settings: list[dict[str, Any]]) -> list[str]:
     if not settings:
         return []
     return ["\nOne setting at a time: each row with a setting suffix against its arm without it, and a prologue "
-            "arm against the baseline with the same setting (group means over training seeds; spread: the "
-            "training-seed std pooled over the seed groups above, assumed for every arm and setting, times "
-            "sqrt(1/n + 1/m)):\n"] + [f"- {_gap_text(e)}" for e in settings]  # fmt: skip
+            f"arm against the baseline with the same setting ({SPREAD_WORDS}):\n"] + [
+        f"- {_gap_text(e)}" for e in settings]  # fmt: skip
 
 
-def _seed_table(summary: list[dict[str, Any]], ev: str) -> list[str]:
+def _seed_table(rows: list[dict[str, Any]], ev: str) -> list[str]:
+    summary = over_training_seeds(rows, ev)
     if not summary:
         return []
-    figures = [f.format(ev=ev) for f in SEED_FIGURES]
+    figures = _seed_figures(ev)
 
     def cell(g: dict[str, Any], figure: str) -> str:
         return f"{g[figure]['mean']:.3f} ± {g[figure]['std']:.3f}" if figure in g else "—"
@@ -266,11 +281,10 @@ def _seed_table(summary: list[dict[str, Any]], ev: str) -> list[str]:
              "sampling runs):\n"]  # fmt: skip
     lines += _table(["group", "variants", *figures], [[g["group"], ", ".join(g["variants"]),
                                                      *(cell(g, f) for f in figures)] for g in summary])  # fmt: skip
-    gap_lines = gaps(summary, ev)
-    if gap_lines:
-        lines.append("\nGaps against the baseline, read against the training-seed spread (std of the difference "
-                     "of two single runs; two seeds give a rough spread):\n")  # fmt: skip
-        lines += [f"- {line}" for line in gap_lines]
+    arm_gaps = seed_group_gaps(rows, ev)
+    if arm_gaps:
+        lines.append(f"\nGaps against the baseline ({SPREAD_WORDS}):\n")
+        lines += [f"- {_gap_text(e)}" for e in arm_gaps]
     return lines
 
 
@@ -354,7 +368,7 @@ def markdown(rows: list[dict[str, Any]], ev: str) -> str:
         f"(tuning seed {r['tuning_seed']}), scored by FD-domain against the val split (disjoint from the "
         "reporting reference)."
     )
-    lines += _seed_table(over_training_seeds(rows, ev), ev) + _setting_lines(one_setting_gaps(rows, ev))
+    lines += _seed_table(rows, ev) + _setting_lines(one_setting_gaps(rows, ev))
     return "\n".join(lines) + "\n"
 
 
@@ -474,6 +488,7 @@ def _write(plan: Plan, target: Target, rows: list[dict[str, Any]]) -> dict:
         code_version=CODE_VERSIONS[ASSET],
         rows=rows,
         over_training_seeds=over_training_seeds(rows, plan.profile.evaluation.evaluator),
+        seed_group_gaps=seed_group_gaps(rows, plan.profile.evaluation.evaluator),
         one_setting_gaps=one_setting_gaps(rows, plan.profile.evaluation.evaluator),
         step_times=times,
         profile=plan.label,

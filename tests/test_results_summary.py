@@ -10,9 +10,9 @@ from pipelines.results import (
     _gap_text,
     _seed_table,
     _usage,
-    gaps,
     one_setting_gaps,
     over_training_seeds,
+    seed_group_gaps,
 )
 
 EV = "effnetlite0"
@@ -44,21 +44,27 @@ def test_rows_that_differ_by_training_seed_are_summarised_together():
     assert pro["probe_top1"] == {"mean": pytest.approx(0.5), "std": pytest.approx(0.0)}
 
 
-def test_a_gap_is_read_against_the_spread_of_two_single_runs():
-    [line] = gaps(over_training_seeds(ROWS, EV), EV)
-    # FD-domain no CFG: 15.5 - 21 = -5.5 against sqrt(2 + 0.5) = 1.58: outside
-    assert line.startswith("prologue − baseline: ") and "fd_domain_nocfg -5.500 (spread 1.581: outside)" in line
-    # the probe: +0.09 against sqrt(0.0002 + 0) = 0.014: outside; an equal figure is inside
-    assert "probe_top1 +0.090 (spread 0.014: outside)" in line and "psnr_db +0.000 (spread 0.000: inside)" in line
+def test_a_gap_between_two_arms_is_read_against_the_spread_of_a_difference_of_two_means():
+    [entry] = seed_group_gaps(ROWS, EV)
+    assert (entry["rows"], entry["against"]) == ("prologue", "baseline")
+    fd = entry["figures"]["fd_domain_nocfg"]
+    # 15.5 - 21 = -5.5; pooled std sqrt((2 + 0.5) / 2) = 1.118, times sqrt(1/2 + 1/2) for two means of two
+    assert fd["gap"] == pytest.approx(-5.5) and fd["spread"] == pytest.approx(1.118, abs=1e-3) and not fd["inside"]
+    line = _gap_text(entry)
+    assert line.startswith("prologue − baseline: ") and "fd_domain_nocfg -5.500 (spread 1.118: outside)" in line
+    # the probe: +0.09 against sqrt((0.0002 + 0) / 2) = 0.010: outside; an equal figure is inside
+    assert "probe_top1 +0.090 (spread 0.010: outside)" in line and "psnr_db +0.000 (spread 0.000: inside)" in line
     noisy = [_row("baseline", 20.0, 0.4), _row("baseline_s1", 30.0, 0.4), _row("prologue", 18.0, 0.4),
              _row("prologue_s1", 28.0, 0.4)]  # fmt: skip
-    assert "fd_domain_nocfg -2.000 (spread 10.000: inside)" in gaps(over_training_seeds(noisy, EV), EV)[0]
+    assert "fd_domain_nocfg -2.000 (spread 7.071: inside)" in _gap_text(seed_group_gaps(noisy, EV)[0])
+    assert seed_group_gaps(ROWS[:3], EV) == []  # one seed per arm: no spread to read a gap against
 
 
 def test_without_seed_groups_the_table_has_no_summary():
-    assert over_training_seeds(ROWS[:3], EV) == [] and _seed_table([], EV) == []
-    text = "\n".join(_seed_table(over_training_seeds(ROWS, EV), EV))
+    assert over_training_seeds(ROWS[:3], EV) == [] and _seed_table(ROWS[:3], EV) == []
+    text = "\n".join(_seed_table(ROWS, EV))
     assert "| baseline | baseline, baseline_s1 |" in text and "21.000 ± 1.414" in text
+    assert "- prologue − baseline: " in text and "(spread 1.118: outside)" in text
 
 
 def test_each_setting_is_read_against_its_arm_and_the_baseline_with_the_same_setting():
@@ -81,6 +87,20 @@ def test_each_setting_is_read_against_its_arm_and_the_baseline_with_the_same_set
     assert "fd_domain_nocfg -3.000 (spread 1.581: outside)" in line
     assert "[without the setting, prologue_post − baseline: " in line and "fd_domain_nocfg -1.500" in line
     assert one_setting_gaps(ROWS[:3], EV)[0]["figures"]["fd_domain_nocfg"]["spread"] is None  # no seed groups
+
+
+def test_two_arms_read_alike_with_and_without_a_setting():
+    """prologue_tok3x − baseline_tok3x (two seeds each) gets the spread prologue − baseline gets."""
+    names = {"baseline": "baseline_tok3x", "baseline_s1": "baseline_s1_tok3x", "prologue": "prologue_tok3x",
+             "prologue_s1": "prologue_s1_tok3x"}  # fmt: skip
+    tok3x = [_row(names[r["variant"]], r["fd_domain_nocfg"] - 1.0, r["probe_top1"])
+             for r in ROWS if r["variant"] in names]  # fmt: skip
+    rows = [*ROWS, *tok3x]
+    [arms] = seed_group_gaps(rows, EV)
+    found = {(e["rows"], e["against"]): e for e in one_setting_gaps(rows, EV)}
+    setting = found[("prologue_tok3x", "baseline_tok3x")]["figures"]["fd_domain_nocfg"]
+    assert setting["spread"] == pytest.approx(arms["figures"]["fd_domain_nocfg"]["spread"])
+    assert setting["gap"] == pytest.approx(arms["figures"]["fd_domain_nocfg"]["gap"])
 
 
 def test_codebook_usage_reads_the_tokenizer_metrics_and_shows_a_collapsed_prologue():
