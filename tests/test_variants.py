@@ -112,6 +112,15 @@ def test_the_ablations_share_the_full_profiles_trained_arms(tmp_path, fashion_mn
             ours, theirs = getattr(full, step)(v), getattr(ablations, step)(f"{v}_tok3x")
             assert {**ours.config, "variant": None} == {**theirs.config, "variant": None}, (step, v)
     assert full.domain().key == ablations.domain().key
+    # its session-sized parts are subsets of its rows, every artefact the same
+    steps = ("tokenizer", "token_dataset", "ar_model", "sampling_tuning", "samples", "reconstruction_metrics",
+             "generation_metrics", "linear_probe", "mechanism_metrics")
+    for name in ("fashion32-ar-budget", "fashion32-entropy"):
+        part = Plan.from_listing(load_profile(name), store)
+        assert set(part.profile.variants) < set(ablations.profile.variants)
+        for v in part.profile.variants:
+            for step in steps:
+                assert [t.key for t in part.targets(step, v)] == [t.key for t in ablations.targets(step, v)], (name, v)
 
 
 def test_the_1d_arm_trains_exports_and_feeds_the_ar(tiny_graph, tmp_path):
