@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from modeling.config import ConfigError
 from pipelines.plan import Plan
 from pipelines.profiles import load_profile
 from pipelines.store import StepResult, Store
@@ -118,8 +120,11 @@ def step_main(
                             help="then copy the result into its block of README.md, as `make demo` does")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    profile = load_profile(args.profile, args.overrides)
-    plan = Plan.from_listing(profile, Store(args.store))
+    try:
+        plan = Plan.from_listing(load_profile(args.profile, args.overrides), Store(args.store))
+    except ConfigError as e:  # a user's mistake: one line naming the field, before any work
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if so_far is not None and args.so_far is not None:
         print(so_far(plan, Path(args.so_far) if args.so_far else None))
         return 0

@@ -123,3 +123,15 @@ def test_imagenet256_l_builds_prologue_l_and_ar_xl_on_the_meta_device():
     # AR-XL, 1280 x 32: 853M here, the paper's is 685M. Our blocks' GEGLU MLP is 4x the width wide
     # (16 d^2 per block) where LlamaGen's SwiGLU is 8/3x (12 d^2): the README says so
     assert 840e6 < ar.num_params() < 870e6, ar.num_params()
+
+
+def test_a_step_command_with_a_config_mistake_says_one_line_and_does_nothing(tmp_path, capsys):
+    from pipelines import train_tokenizer
+
+    store = tmp_path / "store"
+    for argv, field in ((["--profile", "nope"], "unknown profile 'nope'"),
+                        (["--profile", "tiny", "--set", "evaluation.sampling_runs=0"], "evaluation.sampling_runs")):  # fmt: skip
+        assert train_tokenizer.main([*argv, "--store", str(store)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and field in err and "Traceback" not in err
+    assert not store.exists()  # nothing was written
