@@ -537,26 +537,18 @@ PROFILES["fashion32-ablations"] = merge(
 # The ablations one at a time, each a subset of fashion32-ablations' rows (the same cache keys, so any of
 # these stores serves the others) that one run of about 2.5 h on 2 cores finishes: the AR budget (the
 # baseline and Prologue-Post at 1x and 4x AR steps, one training seed each: their training-seed spread is
-# the baseline's two seeds in fashion32-ablations and fashion32-full@2) and the prologue entropy loss (0,
+# that of the 1x seed arms, in fashion32-ablations or fashion32-full@2's table) and the prologue entropy loss (0,
 # 0.1 and 0.5 with its second seed, the spread).
-PROFILES["fashion32-ar-budget"] = merge(
-    PROFILES["fashion32-ablations"],
-    {
-        "version": 1,
-        "description": "why, part 1: the AR budget (1x/4x steps) for the baseline and Prologue-Post, at "
-        "fashion32-ablations' settings",
-        "variants": ["baseline", "prologue_post", "baseline_ar4x", "prologue_post_ar4x"],
-    },
-)
-PROFILES["fashion32-entropy"] = merge(
-    PROFILES["fashion32-ablations"],
-    {
-        "version": 1,
-        "description": "why, part 2: the prologue entropy loss at 0, 0.1 and 0.5 (two training seeds), at "
-        "fashion32-ablations' settings",
-        "variants": ["prologue", "prologue_s1", "prologue_ent0", "prologue_ent0p1"],
-    },
-)
+for _name, _description, _variants in (
+    ("fashion32-ar-budget", "why, part 1: the AR budget (1x/4x steps) for the baseline and Prologue-Post",
+     ["baseline", "prologue_post", "baseline_ar4x", "prologue_post_ar4x"]),
+    ("fashion32-entropy", "why, part 2: the prologue entropy loss at 0, 0.1 and 0.5 (two training seeds)",
+     ["prologue", "prologue_s1", "prologue_ent0", "prologue_ent0p1"]),
+):  # fmt: skip
+    PROFILES[_name] = merge(
+        PROFILES["fashion32-ablations"],
+        {"version": 1, "description": f"{_description}, at fashion32-ablations' settings", "variants": _variants},
+    )
 
 
 def load_profile(name_or_path: str, overrides: list[str] | dict[str, Any] | None = None) -> Profile:
