@@ -92,6 +92,7 @@ def test_the_ablations_share_the_full_profiles_trained_arms(tmp_path, fashion_mn
     metrics are the artefacts of fashion32-full at fashion32's tokenizer budget (its keys before it moved to
     3x, so a store holding those rows keeps them)."""
     from pipelines.plan import Plan
+    from pipelines.results import VARIANT_STEPS
 
     store = Store(str(tmp_path))
     ablations = Plan.from_listing(load_profile("fashion32-ablations"), store)
@@ -113,13 +114,11 @@ def test_the_ablations_share_the_full_profiles_trained_arms(tmp_path, fashion_mn
             assert {**ours.config, "variant": None} == {**theirs.config, "variant": None}, (step, v)
     assert full.domain().key == ablations.domain().key
     # its session-sized parts are subsets of its rows, every artefact the same
-    steps = ("tokenizer", "token_dataset", "ar_model", "sampling_tuning", "samples", "reconstruction_metrics",
-             "generation_metrics", "linear_probe", "mechanism_metrics")
     for name in ("fashion32-ar-budget", "fashion32-entropy"):
         part = Plan.from_listing(load_profile(name), store)
         assert set(part.profile.variants) < set(ablations.profile.variants)
         for v in part.profile.variants:
-            for step in steps:
+            for step in VARIANT_STEPS:
                 assert [t.key for t in part.targets(step, v)] == [t.key for t in ablations.targets(step, v)], (name, v)
 
 
